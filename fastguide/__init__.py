@@ -1,0 +1,55 @@
+"""fastguide: classifier-guided diffusion sampling with entropy-driven guidance (EDS) and ECT training.
+
+Implements *Entropy-driven Sampling and Training Scheme for Conditional Diffusion Generation*
+(ECCV 2022) on ADM-compatible networks.
+"""
+
+from .diffusion import guided_ddim_step, guided_ddpm_step
+from .guidance import (
+    POLICIES,
+    ClassifierOutput,
+    Constant,
+    ConstantRange,
+    EntropyDriven,
+    GradientNorm,
+    GuidanceState,
+    NoGuidance,
+    TimestepAware,
+    classifier_gradient,
+    eds_scale,
+    entropy_from_log_probs,
+)
+from .images import to_uint8
+from .losses import ect_loss
+from .noise import FixedNoise, PerSampleNoise
+from .sampler import GuidedSampler, SampleResult, SamplerConfig, SamplingTrace
+from .schedule import Schedule, space_timesteps
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "POLICIES",
+    "ClassifierOutput",
+    "Constant",
+    "ConstantRange",
+    "EntropyDriven",
+    "FixedNoise",
+    "GradientNorm",
+    "GuidanceState",
+    "GuidedSampler",
+    "NoGuidance",
+    "PerSampleNoise",
+    "SampleResult",
+    "SamplerConfig",
+    "SamplingTrace",
+    "Schedule",
+    "TimestepAware",
+    "classifier_gradient",
+    "ect_loss",
+    "eds_scale",
+    "entropy_from_log_probs",
+    "guided_ddim_step",
+    "guided_ddpm_step",
+    "space_timesteps",
+    "to_uint8",
+]

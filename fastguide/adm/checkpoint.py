@@ -1,0 +1,46 @@
+"""Loading ADM-format state_dicts without unpickling arbitrary objects."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a state_dict from ``.safetensors`` or from a torch ``.pt`` file with ``weights_only=True``.
+
+    A pickle that carries anything but tensors and plain containers is refused by torch's
+    weights-only unpickler; this function never falls back to full unpickling.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: unknown suffix, or the file does not hold a mapping of names to tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device=str(map_location))
+    elif path.suffix in _PICKLE_SUFFIXES:
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # torch raises UnpicklingError for refused payloads
+            raise ValueError(f"refusing to load {str(path)!r}: not a weights-only checkpoint ({err})") from err
+    else:
+        raise ValueError(f"unknown checkpoint format {path.suffix!r} for {str(path)!r}; use .safetensors or .pt")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{str(path)!r} does not hold a state_dict (a mapping of names to tensors)")
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load an ADM checkpoint into ``model`` (strict by default) and return the model."""
+    model.load_state_dict(load_state_dict(path), strict=strict)
+    return model

@@ -1,0 +1,140 @@
+"""The guided DDPM and DDIM updates as small pure functions over tensors.
+
+Coefficients come from :meth:`fastguide.schedule.Schedule.coefficients` as (B,1,1,1) float32 tensors,
+so every sample of a batch may sit at its own timestep. The arithmetic follows ADM's
+``GaussianDiffusion`` operation by operation (same order, float32), which is what makes the
+golden trajectories agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .schedule import StepCoefficients
+
+VARIANCES = ("learned_range", "learned", "fixed_small", "fixed_large")
+DDIM_GUIDANCE = ("adm", "paper")
+
+
+class StepOutput(NamedTuple):
+    """Result of one update."""
+
+    x_prev: torch.Tensor  # (B, C, H, W) x_{t-1}
+    pred_xstart: torch.Tensor  # (B, C, H, W) the x̂_0 the update used
+
+
+def predict_xstart_from_eps(x_t: torch.Tensor, eps: torch.Tensor, c: StepCoefficients) -> torch.Tensor:
+    """x̂_0 = x_t / sqrt(ᾱ_t) − sqrt(1/ᾱ_t − 1) · ε  (paper Eq. 5)."""
+    return c.sqrt_recip_alpha_bar * x_t - c.sqrt_recipm1_alpha_bar * eps
+
+
+def predict_eps_from_xstart(x_t: torch.Tensor, xstart: torch.Tensor, c: StepCoefficients) -> torch.Tensor:
+    """ε = (x_t / sqrt(ᾱ_t) − x̂_0) / sqrt(1/ᾱ_t − 1), the inverse of :func:`predict_xstart_from_eps`."""
+    return (c.sqrt_recip_alpha_bar * x_t - xstart) / c.sqrt_recipm1_alpha_bar
+
+
+def posterior_mean(xstart: torch.Tensor, x_t: torch.Tensor, c: StepCoefficients) -> torch.Tensor:
+    """Mean of q(x_{t-1} | x_t, x_0) (DDPM Eq. 7)."""
+    return c.posterior_mean_coef1 * xstart + c.posterior_mean_coef2 * x_t
+
+
+def model_variance(
+    variance: str, c: StepCoefficients, var_values: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """σ_t² and log σ_t² of p(x_{t-1}|x_t) for ADM's variance types.
+
+    ``learned_range``: interpolate between log β̃_t and log β_t with v ∈ [−1, 1] (Improved DDPM Eq. 15);
+    ``learned``: v is the log variance; ``fixed_small``: β̃_t; ``fixed_large``: β_t (β̃_1 at t = 0).
+    For the fixed types both come from float64 tables, so β̃_0 = 0 exactly, as in ADM.
+    """
+    if variance in ("learned_range", "learned"):
+        if var_values is None:
+            raise ValueError(f"variance {variance!r} needs a model with 2C output channels (eps and v)")
+        if variance == "learned":
+            log_var = var_values
+        else:
+            frac = (var_values + 1) / 2
+            log_var = frac * c.log_beta + (1 - frac) * c.posterior_log_variance_clipped
+        return torch.exp(log_var), log_var
+    if variance == "fixed_small":
+        return c.posterior_variance, c.posterior_log_variance_clipped
+    if variance == "fixed_large":
+        return c.fixed_large_variance, c.fixed_large_log_variance
+    raise ValueError(f"unknown variance {variance!r}; expected one of {VARIANCES}")
+
+
+def denoised_xstart(x_t: torch.Tensor, eps: torch.Tensor, c: StepCoefficients, clip_denoised: bool) -> torch.Tensor:
+    """x̂_0 from ε, clipped to [−1, 1] if asked (ADM's process_xstart)."""
+    xstart = predict_xstart_from_eps(x_t, eps, c)
+    return xstart.clamp(-1, 1) if clip_denoised else xstart
+
+
+def guided_ddpm_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    var: torch.Tensor,
+    log_var: torch.Tensor,
+    guidance: torch.Tensor | None,
+    noise: torch.Tensor,
+    nonzero: torch.Tensor,
+    c: StepCoefficients,
+    clip_denoised: bool = True,
+) -> StepOutput:
+    """One ancestral step with classifier guidance (paper Eq. 8, ADM's p_sample + condition_mean).
+
+    Args:
+        x_t: (B,C,H,W) current sample.
+        eps: (B,C,H,W) predicted noise.
+        var, log_var: σ_t² and log σ_t², broadcastable to x_t (see :func:`model_variance`).
+        guidance: s · ∇x log p(y|x_t), (B,C,H,W), or None for unguided sampling.
+        noise: (B,C,H,W) standard normal noise.
+        nonzero: (B,1,1,1) 0 where t = 0 (no noise is added at the last step), else 1.
+        c: schedule coefficients at this step.
+    Returns:
+        x_{t-1} = μ + σ² · g + σ · z, and the x̂_0 used for μ.
+    """
+    xstart = denoised_xstart(x_t, eps, c, clip_denoised)
+    mean = posterior_mean(xstart, x_t, c)
+    if guidance is not None:
+        mean = mean.float() + var * guidance.float()
+    return StepOutput(mean + nonzero * torch.exp(0.5 * log_var) * noise, xstart)
+
+
+def guided_ddim_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    guidance: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    nonzero: torch.Tensor,
+    c: StepCoefficients,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    ddim_guidance: str = "adm",
+) -> StepOutput:
+    """One DDIM step with classifier guidance (paper Eq. 4 and Alg. 1, ADM's ddim_sample + condition_score).
+
+    ε is re-derived from the (clipped) x̂_0, then shifted by the guidance:
+    ``adm`` (default; ADM and the EDS release): ε̂ = ε − sqrt(1 − ᾱ_t) · g;
+    ``paper`` (Algorithm 1, line 9): ε̂ = ε − g.
+    The guided x̂_0 is not clipped again, as in ADM.
+
+    Args:
+        guidance: s · ∇x log p(y|x_t), or None for unguided sampling.
+        noise: standard normal noise, used only when eta > 0.
+        eta: 0 = deterministic DDIM, 1 = DDPM-like stochasticity.
+    """
+    if ddim_guidance not in DDIM_GUIDANCE:
+        raise ValueError(f"unknown ddim_guidance {ddim_guidance!r}; expected one of {DDIM_GUIDANCE}")
+    xstart = denoised_xstart(x_t, eps, c, clip_denoised)
+    if guidance is not None:
+        eps_hat = predict_eps_from_xstart(x_t, xstart, c)
+        weight = (1 - c.alpha_bar).sqrt() if ddim_guidance == "adm" else 1.0
+        xstart = predict_xstart_from_eps(x_t, eps_hat - weight * guidance, c)
+    eps = predict_eps_from_xstart(x_t, xstart, c)
+    sigma = eta * torch.sqrt((1 - c.alpha_bar_prev) / (1 - c.alpha_bar)) * torch.sqrt(1 - c.alpha_bar / c.alpha_bar_prev)
+    x_prev = xstart * torch.sqrt(c.alpha_bar_prev) + torch.sqrt(1 - c.alpha_bar_prev - sigma**2) * eps
+    if eta > 0:
+        x_prev = x_prev + nonzero * sigma * noise
+    return StepOutput(x_prev, xstart)

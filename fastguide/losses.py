@@ -1,0 +1,40 @@
+"""Training losses of the paper: the entropy-constraint objective (ECT)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .guidance import entropy_from_log_probs
+
+
+def ect_loss(logits: torch.Tensor, y: torch.Tensor, eta: float) -> torch.Tensor:
+    """Entropy-constraint training loss, mean over the batch of ``CE + η · (log K − H(p))`` (Eq. 11–12).
+
+    ``log K − H(p)`` is KL(p ‖ U), the distance of the prediction from the uniform distribution; η = 0
+    is plain cross-entropy. Computed in float32 whatever the logits' dtype.
+
+    Args:
+        logits: (B, K) classifier logits.
+        y: (B,) integer labels in [0, K).
+        eta: weight η of the entropy constraint (the paper uses 0.2).
+    Returns:
+        scalar loss.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (B, K), got shape {tuple(logits.shape)}")
+    if y.shape != logits.shape[:1]:
+        raise ValueError(f"labels of shape {tuple(y.shape)} do not match logits of shape {tuple(logits.shape)}")
+    if not math.isfinite(eta):
+        raise ValueError(f"eta must be finite, got {eta!r}")
+    k = logits.shape[1]
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= k):
+        bad = y[(y < 0) | (y >= k)][0].item()
+        raise ValueError(f"label {bad} is out of range for {k} classes")
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    ce = F.nll_loss(log_probs, y, reduction="none")
+    if eta == 0:
+        return ce.mean()
+    return (ce + eta * (math.log(k) - entropy_from_log_probs(log_probs))).mean()
