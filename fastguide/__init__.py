@@ -22,7 +22,8 @@ from .guidance import (
 from .images import to_uint8
 from .losses import ect_loss
 from .noise import FixedNoise, PerSampleNoise
-from .sampler import GuidedSampler, SampleResult, SamplerConfig, SamplingTrace
+from .diffusion import StepOutput
+from .sampler import GuidedSampler, SampleResult, SamplerConfig, SamplingTrace, StepRecord
 from .schedule import Schedule, space_timesteps
 
 __version__ = "0.1.0"
@@ -42,6 +43,8 @@ __all__ = [
     "SampleResult",
     "SamplerConfig",
     "SamplingTrace",
+    "StepOutput",
+    "StepRecord",
     "Schedule",
     "TimestepAware",
     "classifier_gradient",

@@ -280,6 +280,7 @@ class GuidedSampler:
         seeds: Sequence[int] | None = None,
         noise: FixedNoise | PerSampleNoise | None = None,
         device: torch.device | str | None = None,
+        callback: Callable[[int, StepOutput, StepRecord], None] | None = None,
     ) -> SampleResult:
         """Draw one sample per label.
 
@@ -288,6 +289,7 @@ class GuidedSampler:
             seeds: one seed per sample; sample i depends only on seeds[i] and labels[i].
             noise: instead of seeds, explicit noise (:class:`FixedNoise`: x_T and per-step noise).
             device: where to sample; defaults to the model's device.
+            callback: called after every step as ``callback(k, StepOutput(x_prev, pred_xstart), StepRecord)``.
         Returns:
             :class:`SampleResult` with images (B, C, H, W), labels and the per-step trace.
         Raises:
@@ -309,6 +311,8 @@ class GuidedSampler:
             out, record = self.step(x, index, y, z, step=k)
             x = out.x_prev
             records.append(record)
+            if callback is not None:
+                callback(k, out, record)
             progress.update(1)
         progress.close()
         self._check("sample", x, n - 1)
