@@ -1,0 +1,212 @@
+"""ADM-compatible networks: attention equals ADM's einsum form, every variant builds and round-trips,
+published configurations have ADM's shapes, and checkpoints load without unpickling code."""
+
+import math
+import os
+import pickle
+
+import pytest
+import torch
+
+from fastguide.adm import (
+    PUBLISHED_CLASSIFIERS,
+    PUBLISHED_UNETS,
+    EncoderUNetModel,
+    UNetModel,
+    adm_classifier,
+    adm_unet,
+    load_checkpoint,
+    load_state_dict,
+)
+from fastguide.adm.nn import qkv_attention
+
+
+def adm_attention_oracle(qkv: torch.Tensor, heads: int, legacy: bool) -> torch.Tensor:
+    """ADM's QKVAttention(Legacy) written out with einsum, in float64."""
+    qkv = qkv.double()
+    bs, width, length = qkv.shape
+    ch = width // (3 * heads)
+    if legacy:
+        q, k, v = qkv.reshape(bs * heads, ch * 3, length).split(ch, dim=1)
+    else:
+        q, k, v = (z.reshape(bs * heads, ch, length) for z in qkv.chunk(3, dim=1))
+    scale = 1 / math.sqrt(math.sqrt(ch))
+    w = torch.einsum("bct,bcs->bts", q * scale, k * scale).softmax(dim=-1)
+    return torch.einsum("bts,bcs->bct", w, v).reshape(bs, -1, length)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("heads, ch, length", [(1, 8, 5), (4, 16, 17), (3, 32, 64)])
+def test_sdpa_attention_equals_adm_einsum(legacy, heads, ch, length):
+    qkv = torch.randn(2, 3 * heads * ch, length, generator=torch.Generator().manual_seed(0))
+    expected = adm_attention_oracle(qkv, heads, legacy)
+    torch.testing.assert_close(qkv_attention(qkv, heads, legacy).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_orders_differ():
+    qkv = torch.randn(1, 3 * 2 * 8, 6)
+    assert not torch.allclose(qkv_attention(qkv, 2, True), qkv_attention(qkv, 2, False))
+
+
+def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def _tiny_unet(**kw):
+    args = dict(
+        image_size=16, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
+        attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=16,
+    )  # fmt: skip
+    args.update(kw)
+    return UNetModel(**args)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"use_new_attention_order": True},
+        {"resblock_updown": True, "use_scale_shift_norm": True},
+        {"num_classes": 7},
+        {"out_channels": 6},
+        {"conv_resample": False, "num_head_channels": -1, "num_heads": 2},
+        {"channel_mult": (0.5, 1, 2), "model_channels": 64},
+    ],
+)
+def test_unet_variants_run_and_round_trip(tmp_path, kw):
+    model = _randomise(_tiny_unet(**kw))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    y = torch.tensor([1, 6]) if "num_classes" in kw else None
+    with torch.no_grad():
+        out = model(x, t, y)
+    assert out.shape == (2, model.out_channels, 16, 16) and torch.isfinite(out).all()
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), str(tmp_path / "m.safetensors"))
+    clone = load_checkpoint(_tiny_unet(**kw), tmp_path / "m.safetensors").eval()
+    with torch.no_grad():
+        assert torch.equal(clone(x, t, y), out)
+
+
+def test_class_conditional_unet_uses_labels_and_requires_them():
+    model = _randomise(_tiny_unet(num_classes=3))
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([500])
+    with torch.no_grad():
+        assert not torch.allclose(model(x, t, torch.tensor([0])), model(x, t, torch.tensor([2])))
+    with pytest.raises(ValueError, match="num_classes=3"):
+        model(x, t)
+
+
+@pytest.mark.parametrize("pool", EncoderUNetModel.POOLS)
+def test_every_encoder_pool(pool):
+    model = _randomise(
+        EncoderUNetModel(16, 3, 32, 10, 1, (2,), channel_mult=(1, 2), num_head_channels=16, pool=pool,
+                         resblock_updown=True, use_scale_shift_norm=True)
+    )  # fmt: skip
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        logits = model(x, torch.tensor([0, 400, 999]))
+    assert logits.shape == (3, 10) and torch.isfinite(logits).all()
+    keys = model.state_dict().keys()
+    expected = {
+        "adaptive": "out.3.weight",
+        "attention": "out.2.positional_embedding",
+        "spatial": "out.2.weight",
+        "spatial_v2": "out.1.weight",
+    }[pool]
+    assert expected in keys
+
+
+def test_unknown_pool_is_named():
+    with pytest.raises(ValueError, match="'max'"):
+        EncoderUNetModel(16, 3, 32, 10, 1, (), channel_mult=(1,), pool="max")
+
+
+def _meta_build(fn, *args, **kw):
+    with torch.device("meta"):
+        return fn(*args, **kw)
+
+
+# shapes that follow from ADM's published flags (guided-diffusion README / script_util)
+@pytest.mark.parametrize(
+    "size, key, shape",
+    [
+        (64, "label_emb.weight", (1000, 768)),  # 192 channels * 4
+        (64, "input_blocks.0.0.weight", (192, 3, 3, 3)),
+        (64, "out.2.weight", (6, 192, 3, 3)),  # learned sigma
+        (128, "input_blocks.0.0.weight", (256, 3, 3, 3)),
+        (128, "middle_block.1.qkv.weight", (3072, 1024, 1)),  # channel_mult (1,1,2,3,4) -> 4 * 256
+        (256, "input_blocks.17.0.out_layers.3.weight", (1024, 1024, 3, 3)),  # 1 + 6 * 2 + 5 = 18 blocks
+        (512, "input_blocks.0.0.weight", (128, 3, 3, 3)),  # channel_mult starts at 0.5
+        (512, "out.2.weight", (6, 128, 3, 3)),
+    ],
+)
+def test_published_unet_shapes(size, key, shape):
+    state = _meta_build(adm_unet, size).state_dict()
+    assert tuple(state[key].shape) == shape
+
+
+def test_published_unconditional_unet_has_no_label_embedding():
+    assert "label_emb.weight" not in _meta_build(adm_unet, 256, class_cond=False).state_dict()
+    assert set(PUBLISHED_UNETS) == {64, 128, 256, 512}
+
+
+@pytest.mark.parametrize("size", sorted(PUBLISHED_CLASSIFIERS))
+def test_published_classifier_shapes(size):
+    state = _meta_build(adm_classifier, size).state_dict()
+    # every published classifier ends at 512 channels on an 8x8 grid (+1 pooled token)
+    assert tuple(state["out.2.positional_embedding"].shape) == (512, 65)
+    assert tuple(state["out.2.c_proj.weight"].shape) == (1000, 512, 1)
+
+
+def test_published_classifier_depth():
+    keys = _meta_build(adm_classifier, 64).state_dict().keys()
+    assert "input_blocks.4.0.in_layers.2.weight" in keys  # depth 4 at 64x64
+    # 1 stem + 4 levels * 4 res blocks + 3 downsamples = 20 input blocks: .0 to .19
+    assert any(k.startswith("input_blocks.19.") for k in keys)
+    assert not any(k.startswith("input_blocks.20.") for k in keys)
+
+
+def test_unknown_image_size_has_no_published_config():
+    with pytest.raises(ValueError, match="96"):
+        adm_unet(96)
+
+
+def test_pt_checkpoint_loads_weights_only(tmp_path):
+    model = _randomise(_tiny_unet())
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    state = load_state_dict(tmp_path / "m.pt")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickled_code_payload_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"weight": _Payload()}, f)
+    with pytest.raises(ValueError, match="evil.pt"):
+        load_state_dict(path)
+
+
+def test_unknown_checkpoint_suffix_and_missing_file(tmp_path):
+    (tmp_path / "m.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="'.npz'"):
+        load_state_dict(tmp_path / "m.npz")
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_state_dict(tmp_path / "nope.pt")
+
+
+def test_strict_loading_rejects_mismatched_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(_tiny_unet().state_dict(), str(tmp_path / "m.safetensors"))
+    with pytest.raises(RuntimeError, match="label_emb"):
+        load_checkpoint(_tiny_unet(num_classes=3), tmp_path / "m.safetensors")
