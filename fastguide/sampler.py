@@ -139,7 +139,7 @@ class GuidedSampler:
             model, classifier, schedule, policy, config
         )  # fmt: skip
         self.guided = not isinstance(policy, NoGuidance)
-        self.image_shape = self._image_shape(model, image_shape)
+        self.image_shape = self._image_shape(model, classifier, image_shape)
         self.num_classes = num_classes or getattr(classifier, "out_channels", None) or getattr(
             model, "num_classes", None
         )
@@ -147,14 +147,23 @@ class GuidedSampler:
         self.class_cond = self.model_classes is not None if class_cond is None else class_cond
 
     @staticmethod
-    def _image_shape(model, image_shape) -> tuple[int, int, int] | None:
+    def _image_shape(model, classifier, image_shape) -> tuple[int, int, int] | None:
+        """(C, H, W) from the argument, checked against what the networks declare (in_channels, image_size)."""
+        declared = {}
+        for name, net in (("model", model), ("classifier", classifier)):
+            c, size = getattr(net, "in_channels", None), getattr(net, "image_size", None)
+            if isinstance(c, int) and isinstance(size, int):
+                declared[name] = (c, size, size)
         if image_shape is not None:
             shape = tuple(int(s) for s in image_shape)
             if len(shape) != 3 or min(shape) < 1:
                 raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape!r}")
-            return shape
-        c, size = getattr(model, "in_channels", None), getattr(model, "image_size", None)
-        return (c, size, size) if isinstance(c, int) and isinstance(size, int) else None
+        else:
+            shape = next(iter(declared.values()), None)
+        for name, expected in declared.items():
+            if shape != expected:
+                raise ValueError(f"image shape {shape} does not match the {name}'s (in_channels, image_size): {expected}")
+        return shape
 
     # ---- input checks (all before any network call) ----
 

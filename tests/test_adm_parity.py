@@ -189,3 +189,21 @@ def test_guided_trajectory(folder, method, model, guidance):
     expected_x0 = g.ref[f"{prefix}_x0"]
     assert rel_err(result.images, expected_x0) <= TRAJ_RTOL
     assert rel_err(result.trace.scale, g.ref[f"{prefix}_scales"]) <= NET_RTOL
+
+
+def test_extra_golden_folders_are_collected(tmp_path):
+    """FASTGUIDE_EXTRA_GOLDEN adds folders (here: a copy of a shipped one) to every parity test."""
+    import shutil
+    import subprocess
+    import sys
+
+    first = golden_folders()[0]
+    copy = tmp_path / "copy_of_golden"
+    shutil.copytree(first, copy)
+    env = {**os.environ, "FASTGUIDE_EXTRA_GOLDEN": os.pathsep.join([str(copy), ""])}
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "--collect-only", "-q", "-k", "not extra_golden"],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout  # fmt: skip
+    assert f"[{first.name}-" in out and "[copy_of_golden-" in out
+    assert out.count("[copy_of_golden-") == out.count(f"[{first.name}-")
