@@ -86,6 +86,10 @@ def classifier_gradient(
         logits = classifier(x_in, t)
         if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"classifier returned shape {tuple(logits.shape)}; expected ({x.shape[0]}, K)")
+        num_classes = logits.shape[1]
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            bad = y[(y < 0) | (y >= num_classes)][0].item()
+            raise ValueError(f"class id {bad} is out of range for the classifier's {num_classes} classes")
         log_probs = F.log_softmax(logits.float(), dim=-1)
         selected = log_probs[torch.arange(len(y), device=y.device), y]
         (grad,) = torch.autograd.grad(selected.sum(), x_in)
@@ -161,7 +165,7 @@ def eds_scale(
     max_scale: float | None = None,
 ) -> torch.Tensor:
     """EDS scale ``γ · log K / max(H, floor)`` (Eq. 10), optionally capped at ``max_scale``. NaN stays NaN."""
-    s = gamma * math.log(num_classes) / entropy.clamp_min(entropy_floor)
+    s = gamma * math.log(num_classes) / entropy.detach().clamp_min(entropy_floor)
     return s if max_scale is None else s.clamp_max(max_scale)
 
 

@@ -27,6 +27,8 @@ def ect_loss(logits: torch.Tensor, y: torch.Tensor, eta: float) -> torch.Tensor:
         raise ValueError(f"logits must be (B, K), got shape {tuple(logits.shape)}")
     if y.shape != logits.shape[:1]:
         raise ValueError(f"labels of shape {tuple(y.shape)} do not match logits of shape {tuple(logits.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class ids, got dtype {y.dtype}")
     if not math.isfinite(eta):
         raise ValueError(f"eta must be finite, got {eta!r}")
     k = logits.shape[1]

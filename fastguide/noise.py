@@ -7,18 +7,28 @@ whatever the batch size or its place in the batch (NVlabs/edm's stacked generato
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
+
+
+def _seed(seed, position: int) -> int:
+    """``seed`` as a Python int in [0, 2**63) (numpy and torch integers accepted), else ValueError."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or isinstance(seed, bool) or not 0 <= value < 2**63:
+        raise ValueError(f"seed {seed!r} at position {position} is not an integer in [0, 2**63)")
+    return value
 
 
 class PerSampleNoise:
     """Gaussian noise from one ``torch.Generator`` per sample, seeded with ``seeds[i]``."""
 
     def __init__(self, seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu"):
-        for i, s in enumerate(seeds):
-            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63:
-                raise ValueError(f"seed {s!r} at position {i} is not an integer in [0, 2**63)")
+        seeds = [_seed(s, i) for i, s in enumerate(seeds)]
         self.shape = tuple(shape)
         self.device = torch.device(device)
         self.generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]

@@ -169,10 +169,10 @@ class GuidedSampler:
 
     def _labels(self, labels, batch: int | None, device: torch.device) -> torch.Tensor:
         y = torch.as_tensor(labels)
+        if y.numel() == 0:
+            raise ValueError(f"labels is empty ({labels!r}): nothing to sample")
         if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise ValueError(f"labels must be a 1-D sequence of integer class ids, got {labels!r}")
-        if len(y) == 0:
-            raise ValueError("labels is empty: nothing to sample")
         if batch is not None and len(y) != batch:
             raise ValueError(f"got {len(y)} labels for a batch of {batch} samples")
         bounds = [k for k in (self.num_classes, self.model_classes if self.class_cond else None) if k]

@@ -252,15 +252,15 @@ def test_nan_from_eps_model_names_step_and_sample():
 
 
 def test_nan_logits_from_classifier_name_the_sample():
-    s = make(clf=CountingClassifier(nan_sample=1))
-    with pytest.raises(FloatingPointError, match=r"nan.*sample 1 at step 0"):
+    s = make(clf=CountingClassifier(nan_sample=1), policy=fg.EntropyDriven())
+    with pytest.raises(FloatingPointError, match=r"classifier.*nan.*sample 1 at step 0"):
         s.sample([0, 1], seeds=[0, 1])
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 def test_non_finite_guidance_scale_from_policy_is_rejected(bad):
     s = make(policy=lambda st: torch.tensor([1.0, bad]))
-    with pytest.raises(FloatingPointError, match=rf"{bad}.*sample 1"):
+    with pytest.raises(FloatingPointError, match=rf"scale.*{bad}.*sample 1"):
         s.sample([0, 1], seeds=[0, 1])
 
 
@@ -303,3 +303,22 @@ def test_to_uint8_refuses_non_finite_pixels(bad):
 def test_ect_loss_rejects_out_of_range_labels(label):
     with pytest.raises(ValueError, match=rf"label {label}\b"):
         fg.ect_loss(torch.zeros(2, K), torch.tensor([0, label]), eta=0.2)
+
+
+def test_numpy_and_torch_integer_seeds_are_accepted_and_equal_python_ints():
+    import numpy as np
+
+    a = fg.PerSampleNoise(np.arange(2), (3, 4, 4)).initial()
+    b = fg.PerSampleNoise(torch.tensor([0, 1]), (3, 4, 4)).initial()
+    c = fg.PerSampleNoise([0, 1], (3, 4, 4)).initial()
+    assert torch.equal(a, c) and torch.equal(b, c)
+
+
+def test_ect_loss_rejects_float_labels():
+    with pytest.raises(ValueError, match="float32"):
+        fg.ect_loss(torch.zeros(2, 3), torch.tensor([0.0, 1.0]), 0.2)
+
+
+def test_eds_scale_carries_no_gradient():
+    entropy = torch.tensor([1.0, 2.0], requires_grad=True)
+    assert not fg.eds_scale(entropy, 10, 2.0).requires_grad

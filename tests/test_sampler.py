@@ -7,6 +7,7 @@ whole file runs in seconds on a CPU.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -102,7 +103,7 @@ def adm_pair() -> tuple[nn.Module, nn.Module]:
     return unet.eval(), clf.eval()
 
 
-# ---- 1. per-sample seeds ----
+# ---- per-sample seeds ----
 
 
 @pytest.mark.parametrize("cfg", METHODS)
@@ -120,7 +121,7 @@ def test_sample_depends_only_on_its_seed_and_label(cfg, nets):
     assert not torch.allclose(full.images[0], full.images[1], atol=1e-3)  # seeds do matter
 
 
-# ---- 2. guidance off ----
+# ---- guidance off ----
 
 
 @pytest.mark.parametrize("cfg", METHODS)
@@ -147,7 +148,7 @@ def test_constant_zero_scale_equals_unguided_to_rounding_for_ddim(eta):
     torch.testing.assert_close(zero.images, plain.images, atol=1e-6, rtol=1e-6)
 
 
-# ---- 3. guidance acts, in the direction of the gradient ----
+# ---- guidance acts, in the direction of the gradient ----
 
 
 @pytest.mark.parametrize("cfg", METHODS)
@@ -218,7 +219,7 @@ def test_eds_scale_is_a_constant_factor_on_the_raw_gradient():
     torch.testing.assert_close(guided.x_prev - plain.x_prev, expected, atol=1e-6, rtol=1e-5)
 
 
-# ---- 4. DDIM guidance forms ----
+# ---- DDIM guidance forms ----
 
 
 def _ddim_step_inputs():
@@ -243,12 +244,21 @@ def test_paper_and_adm_ddim_guidance_differ_for_the_same_gradient():
     assert (paper.x_prev - adm.x_prev).abs().max() > 1e-2
 
 
+def test_stochastic_ddim_adds_sigma_times_noise():
+    """DDIM Eq. 16: σ = η·sqrt((1−ᾱ_prev)/(1−ᾱ))·sqrt(1−ᾱ/ᾱ_prev); the noise enters as σ·z."""
+    x, eps, z, index, c, nonzero = _ddim_step_inputs()
+    with_z = guided_ddim_step(x, eps, None, z, nonzero, c, eta=0.5)
+    without = guided_ddim_step(x, eps, None, torch.zeros_like(z), nonzero, c, eta=0.5)
+    sigma = 0.5 * ((1 - c.alpha_bar_prev) / (1 - c.alpha_bar)).sqrt() * (1 - c.alpha_bar / c.alpha_bar_prev).sqrt()
+    torch.testing.assert_close(with_z.x_prev - without.x_prev, sigma * z)
+
+
 def test_sampler_config_selects_the_ddim_guidance_form():
     run = lambda form: sampler(policy=fg.Constant(2.0), ddim_guidance=form).sample([0, 1], seeds=[0, 1]).images
     assert (run("paper") - run("adm")).abs().max() > 1e-3
 
 
-# ---- 5. policies ----
+# ---- policies ----
 
 
 def test_constant_policy_gives_its_scale_to_every_sample():
@@ -311,7 +321,7 @@ def test_user_policy_function_is_used_and_traced():
     torch.testing.assert_close(result.trace.scale, expected)
 
 
-# ---- 6. the trace ----
+# ---- the trace ----
 
 
 @pytest.fixture
@@ -361,15 +371,16 @@ def test_trace_of_unguided_sampling_has_only_timesteps():
     assert result.trace.entropy is result.trace.scale is result.trace.grad_norm is result.trace.p_target is None
 
 
-def test_networks_see_rescaled_timesteps_but_trace_keeps_original_ones():
+def test_networks_see_rescaled_timesteps_but_trace_and_policy_keep_original_ones():
     model, clf = ToyEps(), ToyClassifier()
     sched = schedule("ddim5", steps=500, rescale_timesteps=True)
-    result = fg.GuidedSampler(model, clf, sched, fg.Constant(1.0)).sample([0], seeds=[0])
+    result = fg.GuidedSampler(model, clf, sched, fg.TimestepAware(c=1.0)).sample([0], seeds=[0])
     assert result.trace.t.tolist() == [400, 300, 200, 100, 0]
     assert [t.item() for t in model.seen_t] == [800.0, 600.0, 400.0, 200.0, 0.0]
+    assert result.trace.scale[:, 0].tolist() == [100.0, 200.0, 300.0, 400.0, 500.0]  # T − t with T = 500
 
 
-# ---- 7. callback ----
+# ---- callback ----
 
 
 def test_callback_is_called_once_per_step_in_order():
@@ -382,21 +393,21 @@ def test_callback_is_called_once_per_step_in_order():
     torch.testing.assert_close(torch.stack([rec.scale for _, _, rec in calls]), result.trace.scale)
 
 
-# ---- 8. DDPM variances ----
+# ---- DDPM variances ----
 
 
-def _ddpm(model, variance, policy=None, clf="toy"):
-    s = sampler(model=model, clf=clf, policy=policy, respacing="5", method="ddpm", variance=variance)
+def _ddpm(model, variance, clf="toy"):
+    """Images of a 5-step DDPM run (EDS-guided unless clf is None)."""
+    s = sampler(model=model, clf=clf, respacing="5", method="ddpm", variance=variance)
     return s.sample([0, 3], seeds=[5, 6]).images
 
 
 def test_ddpm_variance_types_all_run_and_differ():
-    images = {v: _ddpm(ToyEps(learned_sigma=True), v) for v in ("learned_range", "learned", "fixed_small", "fixed_large")}
+    variances = ("learned_range", "learned", "fixed_small", "fixed_large")
+    images = {v: _ddpm(ToyEps(learned_sigma=True), v) for v in variances}
     assert all(torch.isfinite(im).all() for im in images.values())
-    names = list(images)
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            assert (images[a] - images[b]).abs().max() > 1e-3, (a, b)
+    for a, b in itertools.combinations(variances, 2):
+        assert (images[a] - images[b]).abs().max() > 1e-3, (a, b)
 
 
 def test_auto_variance_is_learned_range_for_2c_outputs_and_fixed_large_for_c():
@@ -410,7 +421,7 @@ def test_learned_range_ends_are_the_fixed_variances():
     assert torch.equal(_ddpm(ToyEps(v=1.0), "learned_range", clf=None), _ddpm(ToyEps(), "fixed_large", clf=None))
 
 
-# ---- 9. per-sample timesteps in one step ----
+# ---- per-sample timesteps in one step ----
 
 
 @pytest.mark.parametrize("cfg", [dict(method="ddpm"), dict(method="ddim", eta=0.5)], ids=["ddpm", "ddim"])
