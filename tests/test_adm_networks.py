@@ -191,7 +191,7 @@ class _Payload:
 def test_pickled_code_payload_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
-        pickle.dump({"weight": _Payload()}, f)
+        pickle.dump({"weight": _Payload()}, f, protocol=2)
     with pytest.raises(ValueError, match="evil.pt"):
         load_state_dict(path)
 
