@@ -65,6 +65,14 @@ def entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
     return -plogp.sum(dim=-1)
 
 
+def check_class_ids(y: torch.Tensor, num_classes: int, whose: str = "") -> None:
+    """Raise ValueError naming the first class id in ``y`` outside [0, num_classes), and its position."""
+    bad = ((y < 0) | (y >= num_classes)).nonzero()
+    if len(bad):
+        i = int(bad[0, 0])
+        raise ValueError(f"class id {int(y[i])} at position {i} is out of range for {whose} {num_classes} classes")
+
+
 def classifier_gradient(
     classifier: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -86,10 +94,7 @@ def classifier_gradient(
         logits = classifier(x_in, t)
         if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"classifier returned shape {tuple(logits.shape)}; expected ({x.shape[0]}, K)")
-        num_classes = logits.shape[1]
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            bad = y[(y < 0) | (y >= num_classes)][0].item()
-            raise ValueError(f"class id {bad} is out of range for the classifier's {num_classes} classes")
+        check_class_ids(y, logits.shape[1], "the classifier's")
         log_probs = F.log_softmax(logits.float(), dim=-1)
         selected = log_probs[torch.arange(len(y), device=y.device), y]
         (grad,) = torch.autograd.grad(selected.sum(), x_in)

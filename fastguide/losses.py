@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .guidance import entropy_from_log_probs
+from .guidance import check_class_ids, entropy_from_log_probs
 
 
 def ect_loss(logits: torch.Tensor, y: torch.Tensor, eta: float) -> torch.Tensor:
@@ -32,9 +32,7 @@ def ect_loss(logits: torch.Tensor, y: torch.Tensor, eta: float) -> torch.Tensor:
     if not math.isfinite(eta):
         raise ValueError(f"eta must be finite, got {eta!r}")
     k = logits.shape[1]
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= k):
-        bad = y[(y < 0) | (y >= k)][0].item()
-        raise ValueError(f"label {bad} is out of range for {k} classes")
+    check_class_ids(y, k, "the logits'")
     log_probs = F.log_softmax(logits.float(), dim=-1)
     ce = F.nll_loss(log_probs, y, reduction="none")
     if eta == 0:

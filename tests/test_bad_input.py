@@ -301,7 +301,7 @@ def test_to_uint8_refuses_non_finite_pixels(bad):
 
 @pytest.mark.parametrize("label", [K, -1])
 def test_ect_loss_rejects_out_of_range_labels(label):
-    with pytest.raises(ValueError, match=rf"label {label}\b"):
+    with pytest.raises(ValueError, match=rf"class id {label}\b"):
         fg.ect_loss(torch.zeros(2, K), torch.tensor([0, label]), eta=0.2)
 
 

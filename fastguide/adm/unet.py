@@ -42,8 +42,10 @@ class _Torso(nn.Module):
 
     def _build_torso(
         self,
+        image_size: int,
         in_channels: int,
         model_channels: int,
+        out_channels: int,
         num_res_blocks: int,
         attention_resolutions: Sequence[int],
         dropout: float,
@@ -51,17 +53,34 @@ class _Torso(nn.Module):
         conv_resample: bool,
         dims: int,
         use_checkpoint: bool,
+        use_fp16: bool,
         num_heads: int,
         num_head_channels: int,
+        num_heads_upsample: int,
         use_scale_shift_norm: bool,
         resblock_updown: bool,
         use_new_attention_order: bool,
     ) -> tuple[int, list[int], int]:
-        """Build ``time_embed``, ``input_blocks`` and ``middle_block``.
+        """Record the constructor arguments (as ADM does) and build ``time_embed``, ``input_blocks``
+        and ``middle_block``.
 
         Returns:
             (channels after the middle block, channels of every input block, final downsampling rate)
         """
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = tuple(attention_resolutions)
+        self.dropout = dropout
+        self.channel_mult = tuple(channel_mult)
+        self.conv_resample = conv_resample
+        self.use_checkpoint = use_checkpoint
+        self.dtype = torch.float16 if use_fp16 else torch.float32
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
+        self.num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
@@ -159,29 +178,13 @@ class UNetModel(_Torso):
         use_new_attention_order: bool = False,
     ):
         super().__init__()
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = tuple(attention_resolutions)
-        self.dropout = dropout
-        self.channel_mult = tuple(channel_mult)
-        self.conv_resample = conv_resample
         self.num_classes = num_classes
-        self.use_checkpoint = use_checkpoint
-        self.dtype = torch.float16 if use_fp16 else torch.float32
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.num_heads_upsample = num_heads_upsample
-
         ch, input_block_chans, ds = self._build_torso(
-            in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult,
-            conv_resample, dims, use_checkpoint, num_heads, num_head_channels, use_scale_shift_norm,
-            resblock_updown, use_new_attention_order,
+            image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions, dropout,
+            channel_mult, conv_resample, dims, use_checkpoint, use_fp16, num_heads, num_head_channels,
+            num_heads_upsample, use_scale_shift_norm, resblock_updown, use_new_attention_order,
         )  # fmt: skip
+        num_heads_upsample = self.num_heads_upsample
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, model_channels * 4)
 
@@ -268,28 +271,11 @@ class EncoderUNetModel(_Torso):
         super().__init__()
         if pool not in self.POOLS:
             raise ValueError(f"unknown pool {pool!r}; expected one of {self.POOLS}")
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = tuple(attention_resolutions)
-        self.dropout = dropout
-        self.channel_mult = tuple(channel_mult)
-        self.conv_resample = conv_resample
-        self.use_checkpoint = use_checkpoint
-        self.dtype = torch.float16 if use_fp16 else torch.float32
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.num_heads_upsample = num_heads_upsample
         self.pool = pool
-
         ch, _, ds = self._build_torso(
-            in_channels, model_channels, num_res_blocks, attention_resolutions, dropout, channel_mult,
-            conv_resample, dims, use_checkpoint, num_heads, num_head_channels, use_scale_shift_norm,
-            resblock_updown, use_new_attention_order,
+            image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions, dropout,
+            channel_mult, conv_resample, dims, use_checkpoint, use_fp16, num_heads, num_head_channels,
+            num_heads_upsample, use_scale_shift_norm, resblock_updown, use_new_attention_order,
         )  # fmt: skip
         if pool == "adaptive":
             self.out = nn.Sequential(
