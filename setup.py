@@ -16,9 +16,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastguide", "fastguide.adm", "fastguide.kernels"],
+    packages=["fastguide", "fastguide.adm", "fastguide.kernels", "fastguide.train"],
     package_dir={"fastguide": "fastguide", "fastguide.kernels": "kernels"},
-    install_requires=["torch>=2.1", "numpy", "safetensors", "tqdm"],
+    install_requires=["torch>=2.1", "numpy", "safetensors", "tqdm", "pillow", "mlxtend"],
+    entry_points={"console_scripts": ["fastguide=fastguide.cli:main"]},
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     license="MIT",
 )

@@ -3,11 +3,34 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .guidance import check_class_ids, entropy_from_log_probs
+
+
+class ECTTerms(NamedTuple):
+    """Per-sample terms of the ECT objective."""
+
+    ce: torch.Tensor  # (B,) cross-entropy −log p(y|x)
+    kl_uniform: torch.Tensor  # (B,) log K − H(p) = KL(p ‖ U), the entropy constraint (Eq. 11)
+
+
+def ect_terms(logits: torch.Tensor, y: torch.Tensor) -> ECTTerms:
+    """Cross-entropy and entropy-constraint terms per sample, in float32 (see :func:`ect_loss`)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (B, K), got shape {tuple(logits.shape)}")
+    if y.shape != logits.shape[:1]:
+        raise ValueError(f"labels of shape {tuple(y.shape)} do not match logits of shape {tuple(logits.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class ids, got dtype {y.dtype}")
+    k = logits.shape[1]
+    check_class_ids(y, k, "the logits'")
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    ce = F.nll_loss(log_probs, y, reduction="none")
+    return ECTTerms(ce, math.log(k) - entropy_from_log_probs(log_probs))
 
 
 def ect_loss(logits: torch.Tensor, y: torch.Tensor, eta: float) -> torch.Tensor:
@@ -23,18 +46,9 @@ def ect_loss(logits: torch.Tensor, y: torch.Tensor, eta: float) -> torch.Tensor:
     Returns:
         scalar loss.
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be (B, K), got shape {tuple(logits.shape)}")
-    if y.shape != logits.shape[:1]:
-        raise ValueError(f"labels of shape {tuple(y.shape)} do not match logits of shape {tuple(logits.shape)}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"labels must be integer class ids, got dtype {y.dtype}")
     if not math.isfinite(eta):
         raise ValueError(f"eta must be finite, got {eta!r}")
-    k = logits.shape[1]
-    check_class_ids(y, k, "the logits'")
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    ce = F.nll_loss(log_probs, y, reduction="none")
+    terms = ect_terms(logits, y)
     if eta == 0:
-        return ce.mean()
-    return (ce + eta * (math.log(k) - entropy_from_log_probs(log_probs))).mean()
+        return terms.ce.mean()
+    return (terms.ce + eta * terms.kl_uniform).mean()

@@ -1,0 +1,421 @@
+"""The training engine shared by classifier and diffusion training.
+
+One optimisation step on a global batch of B images split over W ranks:
+
+1. The global batch is the next block of a seeded permutation (``DistributedSampler``, ``set_epoch``);
+   rank r holds rows r, r+W, r+2W, ... of it.
+2. All randomness of the step (timesteps, noise, flips) is drawn for the whole global batch from one
+   generator that every rank holds in the same state; each rank keeps its rows. So a sample's noise
+   does not depend on the number of ranks, and 1 process and W processes train on the same data.
+3. Microbatches accumulate gradients (``no_sync`` until the last); DDP averages over ranks.
+4. Checkpoints carry everything needed to continue bit for bit: weights, EMA, optimizer, grad
+   scaler, step, epoch and position in the epoch, the shared generator and every rank's RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
+from .distributed import DistState
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+KILL_AT_STEP = "FASTGUIDE_KILL_AT_STEP"  # fault injection for tests: "STEP:RANK", first attempt only
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What every training run needs (the task configs add their own fields)."""
+
+    out_dir: str = "fastguide-run"  # checkpoints, logs and final weights
+    data: str = "mnist5k"  # "mnist5k" or an image folder
+    val_data: str = "auto"  # held-out data: "auto" (mnist5k's held-out split for mnist5k), "none", or a folder
+    labels: str = "auto"  # image-folder labels: auto | subfolders | prefix | none
+    channels: int = 3  # image channels of folder data (mnist5k has 1)
+    image_size: int = 32  # images are resized and center-cropped to this size
+    random_flip: bool = False  # random horizontal flips (ADM flips natural images; digits must not be)
+    batch_size: int = 64  # global batch over all ranks
+    microbatch: int = -1  # per-rank microbatch for gradient accumulation; -1 = the whole rank batch
+    lr: float = 3e-4  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    anneal_lr: bool = False  # decay the learning rate linearly to 0 over the run
+    iterations: int = 1000  # optimisation steps in total
+    seed: int = 0  # seeds initialisation, data order and noise
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a grad scaler)
+    noise_schedule: str = "linear"  # beta schedule of the forward process
+    diffusion_steps: int = 1000  # T
+    log_interval: int = 50  # steps between log lines
+    eval_interval: int = 500  # steps between held-out evaluations (0 = only at the end)
+    save_interval: int = 500  # steps between checkpoints (a checkpoint is always written at the end)
+    keep_checkpoints: int = 2  # complete checkpoints kept on disk
+    eval_buckets: int = 10  # noise-level buckets of t for validation
+    resume: str = "auto"  # "auto": continue from out_dir's latest checkpoint; "none"; or a run/checkpoint folder
+    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int = 0  # data-loader worker processes
+    progress: bool = True  # progress bar on rank 0
+
+    def validate(self, world_size: int) -> None:
+        """Raise ValueError naming the first bad field."""
+        positive = ("batch_size", "iterations", "log_interval", "save_interval", "keep_checkpoints", "image_size")
+        for name in positive + ("eval_buckets", "diffusion_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; expected one of {sorted(PRECISIONS)}")
+        if self.batch_size % world_size:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by the {world_size} ranks")
+        rank_batch = self.batch_size // world_size
+        if self.microbatch != -1 and not 1 <= self.microbatch <= rank_batch:
+            raise ValueError(f"microbatch {self.microbatch} must be -1 or in 1..{rank_batch} (the per-rank batch)")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.eval_interval < 0 or self.num_workers < 0:
+            raise ValueError("eval_interval and num_workers must be >= 0")
+
+
+class LossTerms(NamedTuple):
+    """Per-sample results of a task's loss on one microbatch."""
+
+    loss: torch.Tensor  # (b,) what is minimised
+    metrics: tuple[torch.Tensor, ...]  # (b,) each, named by the task's metric_names
+
+
+class StepNoise(NamedTuple):
+    """The randomness of one step for this rank's rows."""
+
+    t: torch.Tensor  # (b,) int64 timesteps
+    noise: torch.Tensor  # (b, C, H, W) standard normal
+    flip: torch.Tensor  # (b,) bool
+
+
+class Task(NamedTuple):
+    """What distinguishes classifier from diffusion training."""
+
+    name: str  # "classifier" or "diffusion"
+    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, StepNoise], LossTerms]
+    metric_names: tuple[str, ...]  # names of LossTerms.metrics, for the log
+    evaluate: Callable[[nn.Module, Dataset, torch.device], list[dict]] | None  # held-out metrics rows
+    ema_rate: float | None = None  # keep an EMA of the weights
+
+
+class TrainResult(NamedTuple):
+    model: nn.Module  # the trained (unwrapped) model
+    ema: dict[str, torch.Tensor] | None  # EMA weights, if kept
+    step: int  # optimisation steps done
+    out_dir: Path  # where checkpoints and logs are
+
+
+class _Position(NamedTuple):
+    epoch: int
+    batch: int  # batches done in this epoch
+
+
+class BatchStream:
+    """This rank's batches: DistributedSampler order per epoch, from a resumable position."""
+
+    def __init__(self, dataset: Dataset, dist: DistState, rank_batch: int, seed: int, num_workers: int):
+        self.dataset, self.rank_batch, self.num_workers = dataset, rank_batch, num_workers
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.batches_per_epoch = len(self.sampler) // rank_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {len(dataset)} images, fewer than one global batch of "
+                f"{rank_batch * dist.world_size}"
+            )
+
+    def iterate(self, start: _Position):
+        """Yield (position after the batch, images, labels) forever, starting at ``start``."""
+        epoch, first = start
+        while True:
+            self.sampler.set_epoch(epoch)
+            order = list(self.sampler)
+            batches = [order[i * self.rank_batch : (i + 1) * self.rank_batch] for i in range(self.batches_per_epoch)]
+            loader = DataLoader(self.dataset, batch_sampler=batches[first:], num_workers=self.num_workers)
+            for k, (x, y) in enumerate(loader, start=first + 1):
+                yield _Position(epoch, k) if k < self.batches_per_epoch else _Position(epoch + 1, 0), x, y
+            epoch, first = epoch + 1, 0
+
+
+def draw_step_noise(
+    generator: torch.Generator, global_batch: int, image_shape: Sequence[int], num_timesteps: int, dist: DistState
+) -> StepNoise:
+    """Draw the step's randomness for all ``global_batch`` rows and keep this rank's (rows r::W)."""
+    t = torch.randint(0, num_timesteps, (global_batch,), generator=generator)
+    noise = torch.randn((global_batch, *image_shape), generator=generator)
+    flip = torch.rand(global_batch, generator=generator) < 0.5
+    rows = slice(dist.rank, None, dist.world_size)
+    return StepNoise(t[rows], noise[rows], flip[rows])
+
+
+def _to(noise: StepNoise, device: torch.device) -> StepNoise:
+    return StepNoise(*(v.to(device) for v in noise))
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _maybe_kill(step: int, dist: DistState) -> None:
+    """Fault injection for the resume tests: SIGKILL this rank at STEP on torchrun's first attempt."""
+    spec = os.environ.get(KILL_AT_STEP)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    at, rank = (int(v) for v in spec.split(":"))
+    if step == at and dist.rank == rank:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Write a safetensors file atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Runs a :class:`Task` on a model and a dataset under a :class:`TrainConfig`."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        task: Task,
+        model: nn.Module,
+        train_set: Dataset,
+        val_set: Dataset | None,
+        dist: DistState,
+        run_config: dict | None = None,
+    ):
+        config.validate(dist.world_size)
+        self.cfg, self.task, self.dist = config, task, dist
+        self.out_dir = Path(config.out_dir)
+        self.run_config = run_config if run_config is not None else asdict(config)
+        self.train_set, self.val_set = train_set, val_set
+        self.model = model.to(dist.device)
+        self.ddp = (
+            DistributedDataParallel(self.model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+            if dist.distributed
+            else self.model
+        )
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=config.precision == "fp16")
+        self.ema = (
+            {k: v.detach().clone() for k, v in self.model.state_dict().items()} if task.ema_rate is not None else None
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        # dropout and other in-model randomness: distinct per rank, reproducible
+        torch.manual_seed(config.seed + 1 + dist.rank)
+        self.rank_batch = config.batch_size // dist.world_size
+        self.stream = BatchStream(train_set, dist, self.rank_batch, config.seed, config.num_workers)
+        self.step, self.position = 0, _Position(0, 0)
+        x0, _ = train_set[0]
+        self.image_shape = tuple(x0.shape)
+
+    # ---- checkpoints ----
+
+    def _resume_path(self) -> Path | None:
+        r = self.cfg.resume
+        if r == "none":
+            return None
+        if r == "auto":
+            return latest_checkpoint(self.out_dir)
+        path = Path(r)
+        found = latest_checkpoint(path) or (path if (path / "state.pt").is_file() else None)
+        if found is None:
+            raise ValueError(f"--resume {r!r}: no checkpoint found there")
+        return found
+
+    def restore(self) -> None:
+        path = self._resume_path()
+        if path is None:
+            return
+        weights, state = read_checkpoint(path)
+        self.model.load_state_dict(weights["model"], strict=True)
+        if self.ema is not None:
+            if "ema" not in weights:
+                raise ValueError(f"checkpoint {str(path)!r} has no EMA weights")
+            self.ema = {k: v.to(self.dist.device) for k, v in weights["ema"].items()}
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.position = _Position(int(state["epoch"]), int(state["batch"]))
+        self.generator.set_state(state["generator"])
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            _set_rng_state(rngs[self.dist.rank], self.dist.device)
+        else:
+            warnings.warn(
+                f"checkpoint was written by {len(rngs)} ranks, this run has {self.dist.world_size}: "
+                "in-model randomness (dropout) is re-seeded, so the run will not match an uninterrupted one"
+            )
+        if self.dist.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def save(self) -> None:
+        rngs = self.dist.all_gather_object(_rng_state(self.dist.device))
+        if self.dist.is_main:
+            state = {
+                "step": self.step,
+                "epoch": self.position.epoch,
+                "batch": self.position.batch,
+                "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "generator": self.generator.get_state(),
+                "rng": rngs,
+            }
+            weights = {"model": self.model.state_dict()}
+            if self.ema is not None:
+                weights["ema"] = self.ema
+            write_checkpoint(
+                self.out_dir / "checkpoints", self.step, weights, state, self.run_config, self.cfg.keep_checkpoints
+            )
+        self.dist.barrier()
+
+    # ---- one step ----
+
+    def _autocast(self):
+        dtype = PRECISIONS[self.cfg.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=dtype)
+
+    def train_step(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimisation step on this rank's batch; returns the sums of (loss, *metrics) over it."""
+        cfg, dev = self.cfg, self.dist.device
+        if cfg.anneal_lr:
+            for group in self.opt.param_groups:
+                group["lr"] = cfg.lr * (1 - self.step / cfg.iterations)
+        noise = _to(draw_step_noise(self.generator, cfg.batch_size, self.image_shape, cfg.diffusion_steps, self.dist), dev)
+        x0, y = x0.to(dev), y.to(dev)
+        if cfg.random_flip:
+            x0 = torch.where(noise.flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        mb = self.rank_batch if cfg.microbatch == -1 else cfg.microbatch
+        sums = torch.zeros(1 + len(self.task.metric_names), device=dev, dtype=torch.float64)
+        self.opt.zero_grad(set_to_none=True)
+        for start in range(0, len(x0), mb):
+            rows = slice(start, start + mb)
+            last = start + mb >= len(x0)
+            sync = contextlib.nullcontext() if last or not self.dist.distributed else self.ddp.no_sync()
+            with sync:
+                with self._autocast():
+                    terms = self.task.loss(self.ddp, x0[rows], y[rows], StepNoise(*(v[rows] for v in noise)))
+                loss = terms.loss.float().mean() * (len(terms.loss) / len(x0))
+                self.scaler.scale(loss).backward()
+            parts = torch.stack([terms.loss.detach().float().sum()] + [m.detach().float().sum() for m in terms.metrics])
+            sums += parts.double()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.ema is not None:
+            self._update_ema()
+        return sums
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        rate = self.task.ema_rate
+        for k, v in self.model.state_dict().items():
+            if v.is_floating_point():
+                self.ema[k].mul_(rate).add_(v.detach(), alpha=1 - rate)
+            else:
+                self.ema[k].copy_(v)
+
+    # ---- the run ----
+
+    def _evaluate(self) -> None:
+        if self.task.evaluate is None or self.val_set is None:
+            return
+        if self.dist.is_main:
+            self.model.eval()
+            rows = self.task.evaluate(self.model, self.val_set, self.dist.device)
+            self.model.train()
+            for row in rows:
+                _append_jsonl(self.out_dir / "eval.jsonl", {"step": self.step, **row})
+        self.dist.barrier()
+
+    def _log(self, sums: torch.Tensor, images: int, seconds: float, bar) -> None:
+        self.dist.all_reduce_sum(sums)
+        means = (sums / images).tolist()
+        row = {"step": self.step, "loss": means[0], **dict(zip(self.task.metric_names, means[1:]))}
+        row["lr"] = self.opt.param_groups[0]["lr"]
+        row["images_per_s"] = images / max(seconds, 1e-9)
+        if self.dist.is_main:
+            _append_jsonl(self.out_dir / "train.jsonl", row)
+            text = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+            (bar.write if bar is not None else print)(text)
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.dist.barrier()
+        self.restore()
+        self.model.train()
+        bar = None
+        if self.dist.is_main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.iterations, initial=self.step, desc=f"train {self.task.name}", unit="step")
+        batches = self.stream.iterate(self.position)
+        sums = torch.zeros(1 + len(self.task.metric_names), device=self.dist.device, dtype=torch.float64)
+        images, tick = 0, time.perf_counter()
+        while self.step < cfg.iterations:
+            _maybe_kill(self.step, self.dist)
+            position, x0, y = next(batches)
+            sums += self.train_step(x0, y)
+            images += cfg.batch_size
+            self.step, self.position = self.step + 1, position
+            if bar is not None:
+                bar.update(1)
+            if self.step % cfg.log_interval == 0 or self.step == cfg.iterations:
+                self._log(sums, images, time.perf_counter() - tick, bar)
+                sums.zero_()
+                images, tick = 0, time.perf_counter()
+            if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step != cfg.iterations:
+                self._evaluate()
+            if self.step % cfg.save_interval == 0 or self.step == cfg.iterations:
+                self.save()
+        if bar is not None:
+            bar.close()
+        self._evaluate()
+        self._export()
+        return TrainResult(self.model, self.ema, self.step, self.out_dir)
+
+    def _export(self) -> None:
+        if self.dist.is_main:
+            save_weights(self.out_dir / "model.safetensors", self.model.state_dict())
+            if self.ema is not None:
+                save_weights(self.out_dir / "ema.safetensors", self.ema)
+            (self.out_dir / "config.json").write_text(json.dumps(self.run_config, indent=1, default=str))
+        self.dist.barrier()
+

@@ -1,0 +1,352 @@
+"""The trainer on CPU: ECT vs cross-entropy, resume (bitwise), checkpoints, precision, microbatches,
+DDP over 2 gloo processes and SIGKILL recovery under torchrun."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.utils.data import DistributedSampler
+
+from fastguide.adm import ClassifierFlags
+from fastguide.schedule import Schedule
+from fastguide.train import checkpoint as ckpt
+from fastguide.train.data import mnist5k
+from fastguide.train.distributed import DistState
+from fastguide.train.loop import draw_step_noise
+from fastguide.train.losses import q_sample
+from fastguide.train.tasks import (
+    DEFAULT_UNET,
+    ClassifierTrainConfig,
+    DiffusionTrainConfig,
+    train_classifier,
+    train_diffusion,
+)
+
+TINY_CLF = ClassifierFlags(
+    image_size=32, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="8",
+    channel_mult="1,2", in_channels=1, num_classes=10, num_head_channels=32,
+)  # fmt: skip
+TINY_UNET = dataclasses.replace(
+    DEFAULT_UNET, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="16"
+)
+
+
+@pytest.fixture(scope="module")
+def small_sets():
+    """A 64-image training subset of MNIST 5k and a 40-image held-out subset (fast)."""
+    train, val = mnist5k("train"), mnist5k("heldout")
+    return torch.utils.data.Subset(train, range(64)), torch.utils.data.Subset(val, range(40))
+
+
+class _Sized(torch.utils.data.Dataset):
+    """A Subset that keeps the dataset attributes the trainer reads (channels, num_classes)."""
+
+    def __init__(self, subset):
+        self.subset = subset
+        base = subset.dataset
+        self.channels, self.num_classes, self.image_size = base.channels, base.num_classes, base.image_size
+
+    def __len__(self):
+        return len(self.subset)
+
+    def __getitem__(self, i):
+        return self.subset[i]
+
+
+def clf_config(tmp_path, **kw) -> ClassifierTrainConfig:
+    base = dict(
+        out_dir=str(tmp_path / "run"), model=TINY_CLF, batch_size=8, iterations=6, log_interval=1,
+        save_interval=3, eval_interval=0, eval_buckets=2, progress=False, lr=1e-3,
+    )  # fmt: skip
+    base.update(kw)
+    return ClassifierTrainConfig(**base)
+
+
+def run_clf(tmp_path, small_sets, **kw):
+    train, val = small_sets
+    return train_classifier(clf_config(tmp_path, **kw), train_set=_Sized(train), val_set=_Sized(val))
+
+
+def weights(result) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+
+
+def losses(out_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (Path(out_dir) / "train.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a: dict, b: dict, exact: bool = True, **tol):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], **tol, msg=k)
+
+
+# ---- the loss ----
+
+
+def test_ect_eta_zero_equals_plain_cross_entropy_training(tmp_path, small_sets):
+    """The trainer with η = 0 gives the weights of a hand-written ADM-style cross-entropy loop."""
+    result = run_clf(tmp_path, small_sets, iterations=3, save_interval=3)
+    train, _ = small_sets
+    torch.manual_seed(0)
+    model = dataclasses.replace(TINY_CLF).build()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(1)
+    schedule = Schedule.create("linear", 1000, "")
+    sampler = DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
+    sampler.set_epoch(0)
+    order = list(sampler)
+    for step in range(3):
+        idx = order[step * 8 : (step + 1) * 8]
+        x0 = torch.stack([train[i][0] for i in idx])
+        y = torch.tensor([train[i][1] for i in idx])
+        rnd = draw_step_noise(gen, 8, (1, 32, 32), 1000, DistState())
+        logits = model(q_sample(x0, rnd.t, rnd.noise, schedule), rnd.t)
+        opt.zero_grad()
+        F.cross_entropy(logits, y).backward()
+        opt.step()
+    assert_same_weights(weights(result), dict(model.state_dict()), exact=False, rtol=1e-5, atol=1e-6)
+
+
+def test_ect_eta_changes_training_and_lowers_confidence(tmp_path, small_sets):
+    plain = run_clf(tmp_path / "a", small_sets, iterations=3)
+    ect = run_clf(tmp_path / "b", small_sets, iterations=3, eta=5.0)
+    assert not torch.equal(weights(plain)["out.2.c_proj.weight"], weights(ect)["out.2.c_proj.weight"])
+    row = json.loads((Path(ect.out_dir) / "train.jsonl").read_text().splitlines()[-1])
+    assert row["loss"] == pytest.approx(row["ce"] + 5.0 * row["ect"], rel=1e-6)
+
+
+# ---- checkpoints and resume ----
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(tmp_path, small_sets):
+    full = run_clf(tmp_path / "full", small_sets, iterations=6)
+    part = run_clf(tmp_path / "part", small_sets, iterations=3, save_interval=3)
+    assert part.step == 3
+    resumed = run_clf(tmp_path / "part", small_sets, iterations=6)  # resume="auto"
+    assert resumed.step == 6
+    assert_same_weights(weights(full), weights(resumed))
+    assert losses(full.out_dir)[3:] == losses(resumed.out_dir)[3:]
+
+
+def test_resume_from_an_explicit_folder_and_none(tmp_path, small_sets):
+    first = run_clf(tmp_path / "a", small_sets, iterations=3)
+    cont = run_clf(tmp_path / "b", small_sets, iterations=6, resume=str(first.out_dir))
+    full = run_clf(tmp_path / "c", small_sets, iterations=6)
+    assert_same_weights(weights(full), weights(cont))
+    fresh = run_clf(tmp_path / "a", small_sets, iterations=3, resume="none")
+    assert_same_weights(weights(first), weights(fresh))
+    with pytest.raises(ValueError, match="nowhere"):
+        run_clf(tmp_path / "d", small_sets, resume=str(tmp_path / "nowhere"))
+
+
+def test_checkpoint_holds_weights_as_safetensors_and_full_state(tmp_path, small_sets):
+    result = run_clf(tmp_path, small_sets, iterations=3)
+    path = ckpt.latest_checkpoint(result.out_dir)
+    assert path.name == "step_0000003"
+    w, state = ckpt.read_checkpoint(path)
+    assert set(w) == {"model"}
+    assert {"step", "epoch", "batch", "optimizer", "scaler", "generator", "rng"} <= set(state)
+    assert state["step"] == 3 and state["batch"] == 3 and len(state["rng"]) == 1
+    assert load_file(str(Path(result.out_dir) / "model.safetensors")).keys() == w["model"].keys()
+
+
+def test_half_written_checkpoint_never_replaces_a_good_one(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    good = ckpt.write_checkpoint(root, 1, {"model": {"w": torch.ones(3)}}, {"step": 1}, {})
+    real_save = torch.save
+
+    def crash_midway(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        Path(f).write_bytes(Path(f).read_bytes()[:10])  # truncated, then the process "dies"
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.write_checkpoint(root, 2, {"model": {"w": torch.zeros(3)}}, {"step": 2}, {})
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(root) == good
+    w, state = ckpt.read_checkpoint(good)
+    assert torch.equal(w["model"]["w"], torch.ones(3)) and state["step"] == 1
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001"]
+
+
+def test_old_checkpoints_are_pruned_but_latest_kept(tmp_path):
+    root = tmp_path / "c"
+    for step in range(1, 5):
+        ckpt.write_checkpoint(root, step, {"model": {"w": torch.full((1,), float(step))}}, {"step": step}, {}, keep=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_0000003", "step_0000004"]
+    assert ckpt.latest_checkpoint(root).name == "step_0000004"
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickled_checkpoint_with_code_payload_is_refused(tmp_path, small_sets):
+    first = run_clf(tmp_path / "a", small_sets, iterations=3)
+    state_file = ckpt.latest_checkpoint(first.out_dir) / "state.pt"
+    with open(state_file, "wb") as f:
+        pickle.dump({"step": _Payload()}, f, protocol=2)
+    with pytest.raises(ValueError, match="state.pt"):
+        run_clf(tmp_path / "a", small_sets, iterations=6)
+
+
+# ---- precision, microbatches, validation, diffusion ----
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(tmp_path, small_sets, precision):
+    result = run_clf(tmp_path, small_sets, iterations=3, precision=precision)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(result.out_dir))
+    state = ckpt.read_checkpoint(ckpt.latest_checkpoint(result.out_dir))[1]
+    assert bool(state["scaler"]) == (precision == "fp16")  # a grad scaler only for fp16
+
+
+def _first_step_gradients(monkeypatch, tmp_path, small_sets, **kw) -> list[torch.Tensor]:
+    grads: list[torch.Tensor] = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **k):
+        if not grads:
+            grads.extend(p.grad.clone() for group in self.param_groups for p in group["params"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    run_clf(tmp_path, small_sets, iterations=1, **kw)
+    monkeypatch.undo()
+    return grads
+
+
+def test_microbatches_accumulate_to_the_full_batch_gradient(tmp_path, monkeypatch, small_sets):
+    full = _first_step_gradients(monkeypatch, tmp_path / "a", small_sets)
+    micro = _first_step_gradients(monkeypatch, tmp_path / "b", small_sets, microbatch=3)  # 3 + 3 + 2
+    assert len(full) == len(micro) > 0
+    for a, b in zip(full, micro):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_validation_logs_accuracy_and_entropy_per_noise_bucket(tmp_path, small_sets):
+    result = run_clf(tmp_path, small_sets, iterations=4, eval_interval=2, eval_buckets=4)
+    rows = [json.loads(x) for x in (Path(result.out_dir) / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2] * 5 + [4] * 5
+    assert [r["t"] for r in rows[:5]] == ["clean", "0-249", "250-499", "500-749", "750-999"]
+    for r in rows:
+        assert 0 <= r["top1"] <= r["top5"] <= 1 and 0 <= r["entropy"] <= torch.log(torch.tensor(10.0)) + 1e-4
+        assert r["images"] == 40
+
+
+def test_diffusion_training_hybrid_loss_ema_and_resume(tmp_path, small_sets):
+    train, val = (_Sized(s) for s in small_sets)
+    flags = dataclasses.replace(TINY_UNET, class_cond=True)
+    cfg = DiffusionTrainConfig(
+        out_dir=str(tmp_path / "d"), model=flags, batch_size=8, iterations=4, log_interval=1, save_interval=2,
+        eval_interval=0, eval_buckets=2, progress=False, ema_rate=0.5,
+    )  # fmt: skip
+    full = train_diffusion(cfg, train_set=train, val_set=val)
+    out = Path(full.out_dir)
+    ema = load_file(str(out / "ema.safetensors"))
+    assert not torch.equal(ema["out.2.weight"], full.model.state_dict()["out.2.weight"])
+    rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == pytest.approx(r["mse"] + 0.001 * 1000 * r["vb"], rel=1e-5) for r in rows)
+    assert all(r["vb"] > 0 for r in rows)
+    part = train_diffusion(dataclasses.replace(cfg, out_dir=str(tmp_path / "p"), iterations=2), train_set=train)
+    resumed = train_diffusion(dataclasses.replace(cfg, out_dir=str(tmp_path / "p")), train_set=train)
+    assert part.step == 2 and resumed.step == 4
+    assert_same_weights(weights(full), weights(resumed))
+    assert all(torch.equal(full.ema[k], resumed.ema[k]) for k in full.ema)
+
+
+def test_bad_config_is_rejected_before_training(tmp_path, small_sets):
+    with pytest.raises(ValueError, match="microbatch 9"):
+        run_clf(tmp_path, small_sets, microbatch=9)
+    with pytest.raises(ValueError, match="'fp8'"):
+        run_clf(tmp_path, small_sets, precision="fp8")
+    assert not (tmp_path / "run").exists()
+
+
+# ---- command line and torchrun ----
+
+CLI_ARGS = [
+    "--batch_size", "8", "--iterations", "6", "--log_interval", "1", "--save_interval", "3",
+    "--eval_interval", "0", "--eval_buckets", "2", "--progress", "false", "--classifier_width", "32",
+    "--classifier_depth", "1", "--classifier_attention_resolutions", "8", "--channel_mult", "1,2", "--lr", "1e-3",
+]  # fmt: skip
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def _torchrun(out_dir, nproc: int, *extra_args, env=None, restarts: int = 0):
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        f"--max-restarts={restarts}", "-m", "fastguide", "train-classifier", "--out_dir", str(out_dir), *CLI_ARGS,
+        *extra_args,
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), timeout=300)
+
+
+def test_cli_trains_one_process_and_reports_bad_input_in_one_line(tmp_path):
+    ok = subprocess.run(
+        [sys.executable, "-m", "fastguide", "train-classifier", "--out_dir", str(tmp_path / "r"), *CLI_ARGS],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "r" / "model.safetensors").is_file()
+    bad = subprocess.run(
+        [sys.executable, "-m", "fastguide", "train-classifier", "--out_dir", str(tmp_path / "x"), "--data",
+         str(tmp_path / "no_such_folder")],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "no_such_folder" in bad.stderr
+
+
+def test_ddp_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    """Same losses and weights as one process, to float32 rounding of the gradient sums.
+
+    Tolerance: losses 1e-6 relative at every step; weights: 99.9% of elements within 1e-6, all within
+    5e-4 (= lr/2). Adam divides by sqrt(v), so gradients that are exactly zero in exact arithmetic (conv
+    biases before a GroupNorm, attention key biases) turn their rounding noise into steps of up to lr.
+    """
+    one = _torchrun(tmp_path / "one", 1)
+    two = _torchrun(tmp_path / "two", 2)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert len(losses(tmp_path / "one")) == 6
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-6)
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diff.max() <= 5e-4
+    assert (diff <= 1e-6).float().mean() >= 0.999
+
+
+def test_sigkill_of_one_rank_restarts_and_finishes_equal_to_uninterrupted(tmp_path):
+    clean = _torchrun(tmp_path / "clean", 2)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    killed = _torchrun(tmp_path / "killed", 2, env=_env(FASTGUIDE_KILL_AT_STEP="5:1"), restarts=1)
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    assert "resumed from" in killed.stdout + killed.stderr and "step 3" in killed.stdout + killed.stderr
+    a = load_file(str(tmp_path / "clean" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model.safetensors"))
+    assert_same_weights(a, b)  # bitwise on CPU
