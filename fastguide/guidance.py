@@ -89,7 +89,9 @@ def classifier_gradient(
     Returns:
         :class:`ClassifierOutput`; the gradient is that of Σ_i log_softmax(logits)[i, y_i], as ADM's cond_fn.
     """
-    with torch.enable_grad():
+    # works inside torch.no_grad() and torch.inference_mode() too (an inference tensor is copied out)
+    with torch.inference_mode(False), torch.enable_grad():
+        x, t, y = (v.clone() if v.is_inference() else v for v in (x, t, y))
         x_in = x.detach().requires_grad_(True)
         logits = classifier(x_in, t)
         if logits.dim() != 2 or logits.shape[0] != x.shape[0]:

@@ -60,6 +60,9 @@ class FixedNoise:
             raise ValueError(
                 f"step noise must be (steps, {', '.join(map(str, x_T.shape))}), got shape {tuple(steps.shape)}"
             )
+        for name, value in (("x_T", x_T), ("step noise", steps)):
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} holds NaN or inf")
         self.x_T, self.steps = x_T, steps
         self.shape = tuple(x_T.shape[1:])
 

@@ -14,6 +14,7 @@ says so). Nothing is hidden in a wrapped model.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -38,14 +39,15 @@ class SamplerConfig:
     clip_denoised: bool = True  # clip x̂_0 to [-1, 1]
     variance: str = "auto"  # DDPM variance: auto | learned_range | learned | fixed_small | fixed_large
     ddim_guidance: str = "adm"  # "adm": ε − sqrt(1−ᾱ)·s∇ (ADM, EDS release); "paper": ε − s∇ (Alg. 1)
-    check_finite: bool = True  # raise on NaN/inf from the networks or the policy (one host sync per step)
+    check_finite: bool = True  # raise on NaN/inf from the networks (one host sync per step); scales are always checked
     progress: bool = False  # show a progress bar
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
-        if not (math.isfinite(self.eta) and self.eta >= 0):
-            raise ValueError(f"eta must be a finite number >= 0, got {self.eta!r}")
+        if not (math.isfinite(self.eta) and 0 <= self.eta <= 1):
+            # eta > 1 makes 1 − ᾱ_{t−1} − σ² negative in the DDIM update
+            raise ValueError(f"eta must be in [0, 1], got {self.eta!r}")
         if self.variance != "auto" and self.variance not in VARIANCES:
             raise ValueError(f"unknown variance {self.variance!r}; expected 'auto' or one of {VARIANCES}")
         if self.ddim_guidance not in DDIM_GUIDANCE:
@@ -133,12 +135,19 @@ class GuidedSampler:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a fastguide.Schedule, got {type(schedule).__name__}")
         policy = (NoGuidance() if classifier is None else EntropyDriven()) if policy is None else policy
+        if not callable(policy):
+            raise TypeError(
+                f"policy must be a guidance policy such as fastguide.EntropyDriven(gamma=...), got {policy!r}"
+            )
+        if not isinstance(config, SamplerConfig):
+            raise TypeError(f"config must be a fastguide.SamplerConfig, got {type(config).__name__}")
         if classifier is None and not isinstance(policy, NoGuidance):
             raise ValueError(f"policy {policy!r} needs a classifier, but classifier is None")
         self.model, self.classifier, self.schedule, self.policy, self.config = (
             model, classifier, schedule, policy, config
         )  # fmt: skip
         self.guided = not isinstance(policy, NoGuidance)
+        self._floor_warned = False
         self.image_shape = self._image_shape(model, classifier, image_shape)
         self.num_classes = num_classes or getattr(classifier, "out_channels", None) or getattr(
             model, "num_classes", None
@@ -233,12 +242,12 @@ class GuidedSampler:
         out = out.float()
         return (out, None) if out.shape[1] == c else torch.split(out, c, dim=1)
 
-    def _check(self, what: str, value: torch.Tensor, step: int, t: int | None = None) -> None:
-        if not self.config.check_finite:
+    def _check(self, what: str, value: torch.Tensor, step: int, always: bool = False) -> None:
+        if not (self.config.check_finite or always):
             return
         bad = _first_bad_sample(value)
         if bad is not None:
-            t = self.schedule.timestep_map[self.schedule.num_steps - 1 - step] if t is None else t
+            t = self.schedule.timestep_map[self.schedule.num_steps - 1 - step]
             v = value[bad].reshape(-1)
             v = v[~torch.isfinite(v)][0].item()
             raise FloatingPointError(f"{what} is {v} for sample {bad} at step {step} (t={t})")
@@ -251,13 +260,28 @@ class GuidedSampler:
             raise ValueError(f"classifier returned {out.logits.shape[1]} logits; expected {self.num_classes}")
         self._check("classifier logits", out.logits.masked_fill(out.logits == -math.inf, 0), step)
         state = guidance_state(out, t_orig, self.schedule.num_original_timesteps)
-        scale = torch.as_tensor(self.policy(state), dtype=torch.float32, device=x.device)
+        scale = torch.as_tensor(self.policy(state), dtype=torch.float32, device=x.device).detach()
         if scale.shape != (x.shape[0],):
             raise ValueError(f"policy returned a scale of shape {tuple(scale.shape)}; expected ({x.shape[0]},)")
-        self._check("guidance scale", scale, step)
+        self._check("guidance scale", scale, step, always=True)
+        self._warn_entropy_floor(state, step)
         guidance = out.grad * scale.view(-1, 1, 1, 1)
         self._check("classifier gradient", guidance, step)
         return guidance, StepRecord(t_orig, out.entropy, scale, state.grad_norm, out.log_prob.exp())
+
+    def _warn_entropy_floor(self, state, step: int) -> None:
+        floor = getattr(self.policy, "entropy_floor", None)
+        if floor is None or self._floor_warned:
+            return
+        low = state.entropy < floor
+        if bool(low.any()):
+            self._floor_warned = True
+            i = int(low.nonzero()[0, 0])
+            warnings.warn(
+                f"entropy of sample {i} at step {step} is {state.entropy[i].item():.3g} nats, below the EDS floor "
+                f"{floor:g}: its scale is gamma*log(K)/floor; consider EntropyDriven(max_scale=...)",
+                stacklevel=3,
+            )
 
     def step(
         self, x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None, step: int = 0
@@ -306,7 +330,10 @@ class GuidedSampler:
             FloatingPointError: a network or the policy produced NaN/inf (names step and sample).
         """
         device = self._device(device)
+        if seeds is not None and (isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__")):
+            raise ValueError(f"seeds must be a sequence with one seed per sample, got {seeds!r}")
         batch = len(seeds) if seeds is not None else (len(noise) if noise is not None else None)
+        self._floor_warned = False
         y = self._labels(labels, batch, device)
         source = self._noise_source(seeds, noise, device)
         needs_noise = self.config.method == "ddpm" or self.config.eta > 0

@@ -55,7 +55,7 @@ def _parse_int(text: str, respacing: str) -> int:
         ) from None
 
 
-def space_timesteps(num_timesteps: int, section_counts: str | list[int] | tuple[int, ...]) -> list[int]:
+def space_timesteps(num_timesteps: int, section_counts: str | int | list[int] | tuple[int, ...]) -> list[int]:
     """The original timesteps kept by a respacing, sorted ascending (ADM's ``space_timesteps``).
 
     ``section_counts`` is either a list of counts, a comma string of counts ("10,15,20": split the
@@ -66,6 +66,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int] | tuple[
         ValueError: unknown format, a count < 1, or a count that cannot be realised; the message names
             the requested count.
     """
+    if isinstance(section_counts, int) and not isinstance(section_counts, bool):
+        section_counts = str(section_counts)
     if isinstance(section_counts, str):
         text = section_counts.strip()
         if text == "":

@@ -210,3 +210,57 @@ def test_strict_loading_rejects_mismatched_keys(tmp_path):
     save_file(_tiny_unet().state_dict(), str(tmp_path / "m.safetensors"))
     with pytest.raises(RuntimeError, match="label_emb"):
         load_checkpoint(_tiny_unet(num_classes=3), tmp_path / "m.safetensors")
+
+
+def test_published_classifier_runs_in_fp16_as_built():
+    assert adm_classifier(64).input_blocks[0][0].weight.dtype == torch.float32  # ADM's README flags: fp32
+    model = adm_classifier(64, classifier_use_fp16=True).eval()
+    assert model.input_blocks[0][0].weight.dtype == torch.float16
+    assert model.time_embed[0].weight.dtype == torch.float32  # ADM converts only the torso's convolutions
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 64, 64), torch.tensor([10]))
+    assert logits.shape == (1, 1000) and logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_fp16_unet_loads_a_float32_checkpoint_and_tracks_the_float32_model(tmp_path):
+    from safetensors.torch import save_file
+
+    ref = _randomise(_tiny_unet(out_channels=6))
+    save_file(ref.state_dict(), str(tmp_path / "m.safetensors"))
+    half = load_checkpoint(_tiny_unet(out_channels=6, use_fp16=True), tmp_path / "m.safetensors").eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(half(x, t), ref(x, t), rtol=2e-2, atol=2e-2)
+
+
+def test_adm_keys_of_conv_resampling_without_resblock_updown():
+    keys = _tiny_unet(resblock_updown=False).state_dict().keys()
+    # input_blocks: 0 stem, 1 res, 2 Downsample (conv "op"), 3 res + attention (ds 2)
+    assert "input_blocks.2.0.op.weight" in keys and "input_blocks.3.1.qkv.weight" in keys
+    # output_blocks.1 at ds 2: res, attention, Upsample (conv "conv")
+    assert "output_blocks.1.2.conv.weight" in keys and "output_blocks.1.1.proj_out.weight" in keys
+    pooled = _tiny_unet(resblock_updown=False, conv_resample=False).state_dict().keys()
+    assert not any(k.endswith((".op.weight", ".conv.weight")) for k in pooled)
+    updown = _tiny_unet(resblock_updown=True).state_dict().keys()
+    assert "input_blocks.2.0.in_layers.2.weight" in updown and "output_blocks.1.2.in_layers.2.weight" in updown
+
+
+def test_num_heads_upsample_sets_decoder_heads_only():
+    model = _tiny_unet(num_head_channels=-1, num_heads=2, num_heads_upsample=4)
+    assert model.input_blocks[3][1].num_heads == 2 and model.middle_block[1].num_heads == 2
+    assert model.output_blocks[0][1].num_heads == 4
+
+
+def test_adaptive_and_spatial_pool_key_sets():
+    def head_keys(pool):
+        m = EncoderUNetModel(16, 3, 32, 10, 1, (), channel_mult=(1, 2), pool=pool)
+        return sorted(k for k in m.state_dict() if k.startswith("out."))
+
+    assert head_keys("adaptive") == ["out.0.bias", "out.0.weight", "out.3.bias", "out.3.weight"]
+    assert head_keys("spatial") == ["out.0.bias", "out.0.weight", "out.2.bias", "out.2.weight"]
+    assert head_keys("spatial_v2") == [
+        "out.0.bias", "out.0.weight", "out.1.bias", "out.1.weight", "out.3.bias", "out.3.weight",
+    ]  # fmt: skip
+    # spatial heads read the mean of every input block and the middle block: 32 + 32 + 32 + 64 + 64
+    m = EncoderUNetModel(16, 3, 32, 10, 1, (), channel_mult=(1, 2), pool="spatial")
+    assert m.out[0].weight.shape == (2048, 32 + 32 + 32 + 64 + 64)

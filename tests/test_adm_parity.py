@@ -110,11 +110,9 @@ class Golden:
             self.unets[model], self.classifier, self.schedule(method), self.policy(guidance), config
         )
 
-    def model_timesteps(self) -> torch.Tensor:
-        t = self.ref["probe_t"]
-        if self.meta.get("rescale_timesteps", False):
-            return t.float() * (1000.0 / self.meta["diffusion_steps"])
-        return t
+    def probe_timesteps(self) -> torch.Tensor:
+        """The probes are direct network calls, model(x_T, probe_t), whatever rescale_timesteps says."""
+        return self.ref["probe_t"]
 
 
 @functools.cache
@@ -146,14 +144,14 @@ def test_unet_output(folder, model):
     g = golden(folder)
     kwargs = {"y": g.y} if model == "cond" else {}
     with torch.no_grad():
-        out = g.unets[model](g.x_T, g.model_timesteps(), **kwargs)
+        out = g.unets[model](g.x_T, g.probe_timesteps(), **kwargs)
     assert rel_err(out, g.ref[f"probe_unet_{model}_out"]) <= NET_RTOL
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_classifier_logits_gradient_entropy_and_eds_scale(folder):
     g = golden(folder)
-    out = fg.classifier_gradient(g.classifier, g.x_T, g.model_timesteps(), g.y)
+    out = fg.classifier_gradient(g.classifier, g.x_T, g.probe_timesteps(), g.y)
     assert rel_err(out.logits, g.ref["probe_clf_logits"]) <= NET_RTOL
     assert rel_err(out.grad, g.ref["probe_clf_grad"]) <= NET_RTOL
     assert rel_err(out.entropy, g.ref["probe_entropy"]) <= NET_RTOL

@@ -322,3 +322,45 @@ def test_ect_loss_rejects_float_labels():
 def test_eds_scale_carries_no_gradient():
     entropy = torch.tensor([1.0, 2.0], requires_grad=True)
     assert not fg.eds_scale(entropy, 10, 2.0).requires_grad
+
+
+def test_zero_diffusion_steps_is_rejected():
+    with pytest.raises(ValueError, match="diffusion_steps must be >= 1, got 0"):
+        fg.Schedule.create("linear", 0, "")
+
+
+def test_ddim_eta_above_one_is_rejected():
+    with pytest.raises(ValueError, match="eta must be in \\[0, 1\\], got 1.5"):
+        fg.SamplerConfig(method="ddim", eta=1.5)
+
+
+def test_nan_in_supplied_noise_is_rejected_before_sampling():
+    x = torch.zeros(2, C, S, S)
+    x[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x_T holds NaN"):
+        fg.FixedNoise(x)
+    steps = torch.zeros(3, 2, C, S, S)
+    steps[2, 0, 1, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match="step noise holds NaN or inf"):
+        fg.FixedNoise(torch.zeros(2, C, S, S), steps)
+
+
+def test_policy_and_config_of_the_wrong_kind_are_rejected_at_construction():
+    model, clf = CountingEps(), CountingClassifier()
+    with pytest.raises(TypeError, match="'eds'"):
+        fg.GuidedSampler(model, clf, fg.Schedule.create("linear", 1000, "ddim5"), "eds")
+    with pytest.raises(TypeError, match="dict"):
+        fg.GuidedSampler(model, clf, fg.Schedule.create("linear", 1000, "ddim5"), config={"method": "ddim"})
+    assert model.calls == clf.calls == 0
+
+
+def test_seeds_that_are_not_a_sequence_are_rejected():
+    model, clf = CountingEps(), CountingClassifier()
+    s = fg.GuidedSampler(model, clf, fg.Schedule.create("linear", 1000, "ddim5"), fg.Constant(1.0))
+    with pytest.raises(ValueError, match="got 3"):
+        s.sample([0, 1, 2], seeds=3)
+    assert model.calls == clf.calls == 0
+
+
+def test_integer_respacing_is_a_step_count():
+    assert fg.Schedule.create("linear", 1000, 250).timestep_map == fg.Schedule.create("linear", 1000, "250").timestep_map

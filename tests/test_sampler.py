@@ -436,3 +436,96 @@ def test_step_with_per_sample_indices_equals_each_sample_alone(cfg):
         torch.testing.assert_close(both.pred_xstart[i : i + 1], one.pred_xstart, atol=1e-6, rtol=1e-6)
         assert rec.t[i] == rec1.t[0] == s.schedule.timestep_map[idx]
         torch.testing.assert_close(rec.scale[i : i + 1], rec1.scale, atol=1e-6, rtol=1e-6)
+
+
+# ---- numerics and modes added after review ----
+
+
+class _ConfidentClassifier(nn.Module):
+    """Logits with a huge margin for class 0 and −inf for class K−1 (a masked class)."""
+
+    out_channels = K
+
+    def forward(self, x, t):
+        logits = torch.zeros(x.shape[0], K) + 1e-3 * x.flatten(1)[:, :K]
+        logits[:, 0] += 200.0
+        logits[:, K - 1] = -math.inf
+        return logits
+
+
+def test_minus_inf_logits_are_allowed_and_give_finite_entropy():
+    result = sampler(clf=_ConfidentClassifier(), policy=fg.Constant(1.0)).sample([0, 1], seeds=[0, 1])
+    assert torch.isfinite(result.trace.entropy).all() and torch.isfinite(result.images).all()
+
+
+def test_entropy_below_the_floor_warns_and_max_scale_caps_the_scale():
+    s = sampler(clf=_ConfidentClassifier(), policy=fg.EntropyDriven(gamma=2.0))
+    with pytest.warns(UserWarning, match="below the EDS floor"):
+        s.sample([0], seeds=[0])
+    capped = sampler(clf=_ConfidentClassifier(), policy=fg.EntropyDriven(gamma=2.0, max_scale=50.0))
+    with pytest.warns(UserWarning, match="below the EDS floor"):
+        result = capped.sample([0], seeds=[0])
+    assert result.trace.scale.max().item() == 50.0
+
+
+def test_user_policy_with_gradient_is_detached():
+    def policy(state):
+        return torch.full_like(state.entropy, 2.0).requires_grad_(True) * 1.0
+
+    records = []
+    sampler(policy=policy).sample([1], seeds=[0], callback=lambda k, out, rec: records.append(rec))
+    assert all(not r.scale.requires_grad for r in records)
+    assert not any(r.scale.grad_fn for r in records)
+
+
+def test_sampling_works_under_inference_mode_and_no_grad():
+    s = sampler(policy=fg.Constant(2.0))  # networks built outside inference mode, as usual
+    reference = s.sample([1, 2], seeds=[0, 1]).images
+    with torch.inference_mode():
+        inside = s.sample([1, 2], seeds=[0, 1]).images
+    with torch.no_grad():
+        no_grad = s.sample([1, 2], seeds=[0, 1]).images
+    assert torch.equal(reference, inside.clone()) and torch.equal(reference, no_grad)
+
+
+class _WideEps(nn.Module):
+    """An eps-model whose x̂_0 predictions leave [−1, 1], so clipping matters."""
+
+    in_channels, image_size, num_classes = C, S, None
+
+    def forward(self, x, t):
+        return -3.0 * torch.tanh(x)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_clip_denoised_false_differs_and_keeps_unclipped_predictions(method):
+    seen = {}
+    for clip in (True, False):
+        xs = []
+        # unguided: with guidance, DDIM's guided x̂_0 is re-derived from ε̂ and not clipped again (ADM)
+        s = sampler(model=_WideEps(), clf=None, method=method, clip_denoised=clip)
+        s.sample([1], seeds=[0], callback=lambda k, out, rec: xs.append(out.pred_xstart))
+        seen[clip] = xs
+    assert all(x.abs().max() <= 1 for x in seen[True])
+    assert any(x.abs().max() > 1 for x in seen[False])
+
+
+def test_progress_bar_is_shown_when_asked(capsys):
+    sampler(policy=fg.Constant(1.0), progress=True).sample([1], seeds=[0])
+    err = capsys.readouterr().err
+    assert "sampling" in err and "5/5" in err
+
+
+def test_fp16_adm_unet_samples_like_the_float32_one():
+    def unet(use_fp16):
+        torch.manual_seed(0)
+        m = fg.adm.UNetModel(8, 3, 32, 6, 1, (), channel_mult=(1,), use_fp16=use_fp16)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+        return m.eval()
+
+    full = sampler(model=unet(False), policy=fg.Constant(1.0)).sample([1], seeds=[0]).images
+    half = sampler(model=unet(True), policy=fg.Constant(1.0)).sample([1], seeds=[0]).images
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=0, atol=5e-2)

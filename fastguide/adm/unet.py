@@ -152,7 +152,9 @@ class UNetModel(_Torso):
     """ADM's diffusion UNet: ``model(x, timesteps, y=None) -> (B, out_channels, H, W)``.
 
     Constructor arguments and state_dict keys are those of guided-diffusion's ``UNetModel``;
-    ``attention_resolutions`` holds downsampling rates (``image_size // resolution``).
+    ``attention_resolutions`` holds downsampling rates (``image_size // resolution``). With
+    ``use_fp16=True`` the torso's convolutions are stored in float16 from the start (ADM's scripts call
+    ``convert_to_fp16()`` after construction); loading a float32 checkpoint casts into them.
     """
 
     def __init__(
@@ -206,6 +208,8 @@ class UNetModel(_Torso):
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1))
         )
+        if use_fp16:
+            self.convert_to_fp16()
 
     def _torso_modules(self) -> list[nn.Module]:
         return [self.input_blocks, self.middle_block, self.output_blocks]
@@ -299,6 +303,8 @@ class EncoderUNetModel(_Torso):
             self.out = nn.Sequential(
                 nn.Linear(self._feature_size, 2048), normalization(2048), nn.SiLU(), nn.Linear(2048, self.out_channels)
             )
+        if use_fp16:
+            self.convert_to_fp16()
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Args:
