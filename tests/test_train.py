@@ -350,3 +350,70 @@ def test_sigkill_of_one_rank_restarts_and_finishes_equal_to_uninterrupted(tmp_pa
     a = load_file(str(tmp_path / "clean" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "model.safetensors"))
     assert_same_weights(a, b)  # bitwise on CPU
+
+
+def test_step_randomness_does_not_depend_on_the_number_of_ranks():
+    """Rank r of W keeps rows r::W of the one global draw; together the ranks hold the 1-process draw."""
+    whole = draw_step_noise(torch.Generator().manual_seed(5), 6, (1, 4, 4), 1000, DistState())
+    parts = [draw_step_noise(torch.Generator().manual_seed(5), 6, (1, 4, 4), 1000, DistState(r, 3)) for r in range(3)]
+    for field in range(3):
+        merged = torch.empty_like(whole[field])
+        for r, part in enumerate(parts):
+            merged[r::3] = part[field]
+        assert torch.equal(merged, whole[field])
+    assert whole.flip.dtype == torch.bool and 0 <= int(whole.t.min()) and int(whole.t.max()) < 1000
+
+
+def test_random_flip_option_changes_training(tmp_path, small_sets):
+    plain = run_clf(tmp_path / "a", small_sets, iterations=2)
+    flipped = run_clf(tmp_path / "b", small_sets, iterations=2, random_flip=True)
+    assert losses(plain.out_dir) != losses(flipped.out_dir)
+
+
+def test_any_module_can_be_trained_as_classifier(tmp_path, small_sets):
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(32 * 32, 10)
+
+        def forward(self, x, t):
+            return self.fc(x.flatten(1)) * (1 + t.float()[:, None] / 1000)
+
+    train, val = small_sets
+    result = train_classifier(clf_config(tmp_path, iterations=3), model=Linear(), train_set=_Sized(train),
+                              val_set=_Sized(val))  # fmt: skip
+    assert isinstance(result.model, Linear) and result.step == 3
+
+
+def test_image_folder_training_skips_corrupt_files_and_rejects_empty_folders(tmp_path):
+    from PIL import Image
+
+    for label in ("cat", "dog"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (40, 36), (60 * i, 100, 200 if label == "cat" else 20)).save(
+                tmp_path / "data" / label / f"{i}.png"
+            )
+    (tmp_path / "data" / "dog" / "broken.png").write_bytes(b"not a png at all")
+    cfg = clf_config(
+        tmp_path, data=str(tmp_path / "data"), channels=3, iterations=2, batch_size=4,
+        model=dataclasses.replace(TINY_CLF, in_channels=3, num_classes=2),
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="broken.png"):
+        result = train_classifier(cfg)
+    assert result.step == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        train_classifier(dataclasses.replace(cfg, data=str(tmp_path / "empty"), out_dir=str(tmp_path / "r2")))
+
+
+def test_diffusion_training_with_l_simple_only(tmp_path, small_sets):
+    train, _ = small_sets
+    cfg = DiffusionTrainConfig(
+        out_dir=str(tmp_path / "d"), model=dataclasses.replace(TINY_UNET, learn_sigma=False), batch_size=8,
+        iterations=2, log_interval=1, eval_interval=0, progress=False, val_data="none",
+    )  # fmt: skip
+    result = train_diffusion(cfg, train_set=_Sized(train))
+    assert result.model.out_channels == 1
+    rows = [json.loads(x) for x in (Path(result.out_dir) / "train.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["mse"] and r["vb"] == 0 for r in rows)

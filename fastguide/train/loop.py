@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .data import random_flip
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from .distributed import DistState
 
@@ -320,7 +321,7 @@ class Trainer:
         noise = _to(draw_step_noise(self.generator, cfg.batch_size, self.image_shape, cfg.diffusion_steps, self.dist), dev)
         x0, y = x0.to(dev), y.to(dev)
         if cfg.random_flip:
-            x0 = torch.where(noise.flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+            x0 = random_flip(x0, noise.flip)
         mb = self.rank_batch if cfg.microbatch == -1 else cfg.microbatch
         sums = torch.zeros(1 + len(self.task.metric_names), device=dev, dtype=torch.float64)
         self.opt.zero_grad(set_to_none=True)
