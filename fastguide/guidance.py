@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
-import torch.nn.functional as F
+
+from . import ops
 
 # H(p) never goes below this (nats) when it divides: a confident classifier in float32 can give H = 0
 DEFAULT_ENTROPY_FLOOR = 1e-6
@@ -97,11 +98,10 @@ def classifier_gradient(
         if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"classifier returned shape {tuple(logits.shape)}; expected ({x.shape[0]}, K)")
         check_class_ids(y, logits.shape[1], "the classifier's")
-        log_probs = F.log_softmax(logits.float(), dim=-1)
-        selected = log_probs[torch.arange(len(y), device=y.device), y]
-        (grad,) = torch.autograd.grad(selected.sum(), x_in)
-    log_probs = log_probs.detach()
-    return ClassifierOutput(logits.detach(), selected.detach(), entropy_from_log_probs(log_probs), grad)
+        fused = ops.softmax_entropy_scale(logits.detach(), y)
+        # seeding the backward with d log p(y)/d logits = onehot − p is the gradient of Σ log p(y_i)
+        (grad,) = torch.autograd.grad(logits, x_in, grad_outputs=fused.dlogits.to(logits.dtype))
+    return ClassifierOutput(logits.detach(), fused.log_prob, fused.entropy, grad)
 
 
 def guidance_state(out: ClassifierOutput, t: torch.Tensor, num_timesteps: int) -> GuidanceState:

@@ -22,7 +22,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .diffusion import DDIM_GUIDANCE, VARIANCES, StepOutput, guided_ddim_step, guided_ddpm_step, model_variance
+from . import ops
+from .diffusion import DDIM_GUIDANCE, VARIANCES, StepOutput
+from .kernels.reference import VARIANCE_CODES
 from .guidance import ClassifierOutput, EntropyDriven, GuidancePolicy, NoGuidance, classifier_gradient, guidance_state
 from .noise import FixedNoise, PerSampleNoise
 from .schedule import Schedule
@@ -252,9 +254,10 @@ class GuidedSampler:
             v = v[~torch.isfinite(v)][0].item()
             raise FloatingPointError(f"{what} is {v} for sample {bad} at step {step} (t={t})")
 
-    def _guidance(self, x, t_model, t_orig, y, step) -> tuple[torch.Tensor | None, StepRecord]:
+    def _guidance(self, x, t_model, t_orig, y, step):
+        """(raw gradient, scale, record); gradient and scale are None when guidance is off."""
         if not self.guided:
-            return None, StepRecord(t_orig, None, None, None, None)
+            return None, None, StepRecord(t_orig, None, None, None, None)
         out: ClassifierOutput = classifier_gradient(self.classifier, x, t_model, y)
         if self.num_classes is not None and out.logits.shape[1] != self.num_classes:
             raise ValueError(f"classifier returned {out.logits.shape[1]} logits; expected {self.num_classes}")
@@ -265,9 +268,8 @@ class GuidedSampler:
             raise ValueError(f"policy returned a scale of shape {tuple(scale.shape)}; expected ({x.shape[0]},)")
         self._check("guidance scale", scale, step, always=True)
         self._warn_entropy_floor(state, step)
-        guidance = out.grad * scale.view(-1, 1, 1, 1)
-        self._check("classifier gradient", guidance, step)
-        return guidance, StepRecord(t_orig, out.entropy, scale, state.grad_norm, out.log_prob.exp())
+        self._check("classifier gradient", out.grad, step)
+        return out.grad, scale, StepRecord(t_orig, out.entropy, scale, state.grad_norm, out.log_prob.exp())
 
     def _warn_entropy_floor(self, state, step: int) -> None:
         floor = getattr(self.policy, "entropy_floor", None)
@@ -293,17 +295,22 @@ class GuidedSampler:
         t_model = self.schedule.model_timesteps(index)
         t_orig = self.schedule.original_timesteps(index)
         eps, v = self._eps_and_v(x, t_model, y, step)
-        guidance, record = self._guidance(x, t_model, t_orig, y, step)
-        c = self.schedule.coefficients(index)
-        nonzero = (index != 0).float().view(-1, 1, 1, 1)
+        grad, scale, record = self._guidance(x, t_model, t_orig, y, step)
+        coefs = self.schedule.coefficient_matrix(index)
+        nonzero = (index != 0).float()
         cfg = self.config
         if cfg.method == "ddim":
-            out = guided_ddim_step(x, eps, guidance, noise, nonzero, c, cfg.eta, cfg.clip_denoised, cfg.ddim_guidance)
+            x_prev, xstart = ops.guided_ddim_update(
+                x, eps, grad, scale, noise, coefs, nonzero, cfg.eta, cfg.clip_denoised, cfg.ddim_guidance == "paper"
+            )
         else:
             variance = cfg.variance if cfg.variance != "auto" else ("fixed_large" if v is None else "learned_range")
-            var, log_var = model_variance(variance, c, v)
-            out = guided_ddpm_step(x, eps, var, log_var, guidance, noise, nonzero, c, cfg.clip_denoised)
-        return out, record
+            if variance.startswith("learned") and v is None:
+                raise ValueError(f"variance {variance!r} needs a model with 2C output channels (eps and v)")
+            x_prev, xstart = ops.guided_ddpm_update(
+                x, eps, v, grad, scale, noise, coefs, nonzero, VARIANCE_CODES[variance], cfg.clip_denoised
+            )
+        return StepOutput(x_prev, xstart), record
 
     # ---- the loop ----
 

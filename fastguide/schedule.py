@@ -195,6 +195,8 @@ class Schedule:
             "fixed_large_log_variance": np.log(np.append(post_var1, b[1:])),
         }
         self._tables.update({k: torch.from_numpy(v) for k, v in tables.items()})
+        # every coefficient of every step as one float32 row (cast once from float64), for the fused ops
+        self._tables["_matrix"] = torch.stack([self._tables[n] for n in _TABLES], dim=1).float().contiguous()
 
     @property
     def num_steps(self) -> int:
@@ -214,6 +216,11 @@ class Schedule:
         return StepCoefficients(
             *(self._tables[n][idx].to(device=index.device, dtype=torch.float32).view(-1, 1, 1, 1) for n in _TABLES)
         )
+
+    def coefficient_matrix(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, len(StepCoefficients._fields)) float32 rows of coefficients at respaced ``index`` (B,),
+        columns in StepCoefficients order, on index's device: the ``coefs`` input of the fused ops."""
+        return self._tables["_matrix"][index.detach().to("cpu", torch.long)].to(index.device)
 
     def original_timesteps(self, index: torch.Tensor) -> torch.Tensor:
         """Original timesteps (int64) of respaced indices ``index``."""

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastguide as fg
+from fastguide import ops
 from fastguide.adm import EncoderUNetModel, UNetModel, load_checkpoint
 
 GOLDEN_ROOT = Path(__file__).parent / "golden"
@@ -148,10 +149,24 @@ def test_unet_output(folder, model):
     assert rel_err(out, g.ref[f"probe_unet_{model}_out"]) <= NET_RTOL
 
 
+def backend_or_skip(name: str, op: str, *args) -> None:
+    """Skip when ``name`` cannot serve ``op`` here (e.g. no extension build, no CUDA for Triton)."""
+    with ops.use_backend(name):
+        reason = dict(ops.explain(op, *args))[name]
+    if reason is not None:
+        pytest.skip(f"backend {name} unavailable: {reason}")
+
+
+BACKENDS = list(ops.PRIORITY)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_classifier_logits_gradient_entropy_and_eds_scale(folder):
+def test_classifier_logits_gradient_entropy_and_eds_scale(folder, backend):
     g = golden(folder)
-    out = fg.classifier_gradient(g.classifier, g.x_T, g.probe_timesteps(), g.y)
+    backend_or_skip(backend, "softmax_entropy_scale", g.ref["probe_clf_logits"], g.y)
+    with ops.use_backend(backend):
+        out = fg.classifier_gradient(g.classifier, g.x_T, g.probe_timesteps(), g.y)
     assert rel_err(out.logits, g.ref["probe_clf_logits"]) <= NET_RTOL
     assert rel_err(out.grad, g.ref["probe_clf_grad"]) <= NET_RTOL
     assert rel_err(out.entropy, g.ref["probe_entropy"]) <= NET_RTOL
@@ -171,14 +186,17 @@ def test_ect_loss(folder):
         assert rel_err(loss.reshape(1), g.ref[key].reshape(1)) <= NET_RTOL, key
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("folder, method, model, guidance", _trajectory_cases())
-def test_guided_trajectory(folder, method, model, guidance):
+def test_guided_trajectory(folder, method, model, guidance, backend):
     g = golden(folder)
+    backend_or_skip(backend, f"guided_{method}_update", g.x_T)
     prefix = f"{method}_{model}_{guidance}"
     sampler = g.sampler(method, model, guidance)
     steps = []
     noise = fg.FixedNoise(g.x_T, g.ref.get(f"{prefix}_noise"))  # DDIM with eta = 0 draws no noise
-    result = sampler.sample(g.y, noise=noise, callback=lambda k, out, rec: steps.append(out.x_prev))
+    with ops.use_backend(backend):
+        result = sampler.sample(g.y, noise=noise, callback=lambda k, out, rec: steps.append(out.x_prev))
     if f"{prefix}_traj" in g.ref:
         traj = g.ref[f"{prefix}_traj"]
         assert len(steps) == traj.shape[0]
