@@ -4,6 +4,7 @@ Implements *Entropy-driven Sampling and Training Scheme for Conditional Diffusio
 (ECCV 2022) on ADM-compatible networks.
 """
 
+from . import adm, ops
 from .diffusion import guided_ddim_step, guided_ddpm_step
 from .guidance import (
     POLICIES,
