@@ -417,3 +417,17 @@ def test_diffusion_training_with_l_simple_only(tmp_path, small_sets):
     assert result.model.out_channels == 1
     rows = [json.loads(x) for x in (Path(result.out_dir) / "train.jsonl").read_text().splitlines()]
     assert all(r["loss"] == r["mse"] and r["vb"] == 0 for r in rows)
+
+
+def test_held_out_folder_with_other_classes_is_rejected(tmp_path):
+    from PIL import Image
+
+    for root, classes in (("train", ("cat", "dog")), ("val", ("cat", "eel"))):
+        for label in classes:
+            (tmp_path / root / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / root / label / "0.png")
+    cfg = ClassifierTrainConfig(data=str(tmp_path / "train"), val_data=str(tmp_path / "val"), image_size=8)
+    from fastguide.train.tasks import load_datasets
+
+    with pytest.raises(ValueError, match="eel"):
+        load_datasets(cfg)

@@ -65,6 +65,11 @@ def load_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset | None]:
         val = None
     if cfg.val_data not in ("auto", "none"):
         val = image_folder(cfg.val_data, cfg.image_size, cfg.channels, cfg.labels)
+        if list(val.class_names) != list(train.class_names):
+            raise ValueError(
+                f"held-out classes {list(val.class_names)[:10]} differ from the training classes "
+                f"{list(train.class_names)[:10]}: class ids would not match"
+            )
     return train, val
 
 
