@@ -13,7 +13,8 @@ Backends, in priority order:
 * ``torch``: the pure-torch references; serves everything.
 
 Each backend says why it cannot serve a given call; ``FASTGUIDE_BACKEND=torch|triton|ext`` forces
-one, and when the forced backend cannot serve, the error lists why.
+one, and when the forced backend cannot serve, the error lists why. (``ext`` does not implement
+``softmax_entropy_scale``; with ``ext`` forced, that op is dispatched as usual.)
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _ext_refusal(op: str, tensors: list[torch.Tensor], forced: bool) -> str | No
 
     if not _ext.AVAILABLE:
         return f"the extension fastguide._C is unavailable: {_ext.REASON}"
-    if op == "softmax_entropy_scale":
+    if op not in EXT_OPS:
         return "the extension implements only the updates"
     devices = {t.device.type for t in tensors}
     if not devices <= {"cpu", "cuda"}:
@@ -95,6 +96,7 @@ def _ext_refusal(op: str, tensors: list[torch.Tensor], forced: bool) -> str | No
 
 
 _EXT_DTYPES = {torch.float32}
+EXT_OPS = ("guided_ddpm_update", "guided_ddim_update")  # the extension does not implement the entropy op
 
 
 _BACKENDS = {
@@ -131,7 +133,8 @@ def choose(op: str, *args) -> str:
     """
     forced = forced_backend()
     reasons = explain(op, *args)
-    if forced is not None:
+    if forced == "ext" and op not in EXT_OPS:
+        forced = None  # an op the forced backend does not implement at all is dispatched as usual
         reason = dict(reasons)[forced]
         if reason is not None:
             raise BackendUnavailable(f"{ENV}={forced} cannot serve {op}: {reason}")

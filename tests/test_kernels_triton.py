@@ -1,0 +1,515 @@
+"""Triton kernels against the torch references, and both against float64.
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton and the
+kernel modules are imported); with CUDA they are compiled and run on the GPU.
+
+Tolerance rule (issue 4, STYLE.md): a kernel's max error against the float64 result may be at most twice
+the eager torch reference's error in the same dtype.
+"""
+
+import os
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read by triton.jit when the kernels are decorated
+
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from fastguide.diffusion import (  # noqa: E402
+    denoised_xstart,
+    guided_ddim_step,
+    model_variance,
+    posterior_mean,
+)
+from fastguide.kernels.reference import (  # noqa: E402
+    VARIANCE_CODES,
+    guided_ddim_update_ref,
+    guided_ddpm_update_ref,
+    pack_coefficients,
+    softmax_entropy_scale_ref,
+    unpack_coefficients,
+)
+from fastguide.kernels.triton_common import is_interpreted, triton_refusal  # noqa: E402
+from fastguide.kernels.triton_entropy import (  # noqa: E402
+    _softmax_entropy_scale_kernel,
+    launch_softmax_entropy_scale,
+    softmax_entropy_scale_triton,
+)
+from fastguide.kernels.triton_update import (  # noqa: E402
+    guided_ddim_update_triton,
+    guided_ddpm_update_triton,
+    launch_guided_ddim_update,
+    launch_guided_ddpm_update,
+)
+from fastguide.schedule import Schedule  # noqa: E402
+
+if DEVICE == "cpu" and not is_interpreted(_softmax_entropy_scale_kernel):
+    pytest.skip(
+        "the Triton kernels were imported before TRITON_INTERPRET=1 was set, so they cannot run on CPU",
+        allow_module_level=True,
+    )
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+VARIANCE_NAMES = {code: name for name, code in VARIANCE_CODES.items()}
+INF = math.inf
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=_gen(seed)).to(DEVICE, dtype)
+
+
+# ---------------------------------------------------------------- error measurement and the tolerance rule
+
+
+def max_error(out: torch.Tensor, exact: torch.Tensor) -> float:
+    """Max |out − exact| over entries; NaN must sit exactly where ``exact`` has NaN, equal infinities count 0."""
+    out, exact = out.double().cpu(), exact.double().cpu()
+    assert torch.equal(out.isnan(), exact.isnan()), "NaN in different places than the float64 result"
+    same = (out == exact) | out.isnan()
+    return (out - exact).abs().masked_fill(same, 0.0).max().item() if out.numel() else 0.0
+
+
+# An absolute floor keeps the rule satisfiable where the eager error is exactly 0 (e.g. every output
+# exactly representable): 1e-6 is under 10 float32 ulps of 1 and far below any fp16/bf16 rounding.
+FLOOR = 1e-6
+
+
+def assert_error_rule(name: str, kernel: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor) -> float:
+    """Kernel's max error against float64 ≤ 2 × eager torch's error + FLOOR; returns the ratio."""
+    e_kernel, e_eager = max_error(kernel, exact), max_error(eager, exact)
+    assert e_kernel <= 2 * e_eager + FLOOR, f"{name}: kernel error {e_kernel:.3g} > 2 × eager error {e_eager:.3g}"
+    return e_kernel / max(e_eager, FLOOR)
+
+
+def assert_reference_accurate(name: str, eager: torch.Tensor, exact: torch.Tensor, rel: float):
+    """The eager reference itself is float64-exact up to ``rel`` × max(1, max |exact|): right formula,
+    float32 arithmetic (``rel`` also covers the rounding of fp16/bf16 outputs)."""
+    finite = exact[exact.isfinite()].abs()
+    bound = rel * max(1.0, finite.max().item() if finite.numel() else 1.0)
+    assert max_error(eager, exact) <= bound, f"{name}: reference error {max_error(eager, exact):.3g} > {bound:.3g}"
+
+
+# ---------------------------------------------------------------- softmax–entropy–scale
+
+
+def entropy_f64(logits, y, gamma=1.0, entropy_floor=1e-6, max_scale=0.0):
+    """float64 oracle from the definitions: autograd for d log p(y)/d logits, entr for H."""
+    z = logits.detach().double().cpu().requires_grad_(True)
+    rows = torch.arange(len(y))
+    log_p = torch.log_softmax(z, dim=-1)
+    (dlogits,) = torch.autograd.grad(log_p[rows, y.cpu()].sum(), z)
+    entropy = torch.special.entr(log_p.detach().exp()).sum(-1)
+    scale = gamma * math.log(logits.shape[1]) / entropy.clamp_min(entropy_floor)
+    if max_scale > 0:
+        scale = scale.clamp_max(max_scale)
+    return log_p.detach()[rows, y.cpu()], entropy, scale, dlogits
+
+
+def check_entropy(logits, y, gamma=1.0, entropy_floor=1e-6, max_scale=0.0, block_k=None, accurate=True):
+    out = launch_softmax_entropy_scale(logits, y, gamma, entropy_floor, max_scale, block_k)
+    ref = softmax_entropy_scale_ref(logits, y, gamma, entropy_floor, max_scale)
+    exact = entropy_f64(logits, y, gamma, entropy_floor, max_scale)
+    ratios = {}
+    for name, k, e, x in zip(ref._fields, out, ref, exact):
+        assert k.dtype == torch.float32 and k.shape == e.shape, name
+        # scale = γ log K / H: H's float32 rounding (from log S ≈ 0 in confident rows) is amplified by 1/H
+        torch.testing.assert_close(k, e, equal_nan=True, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        ratios[name] = assert_error_rule(name, k, e, x)
+        if accurate and name != "scale":  # the logits are exact in float64: this is the op's own error
+            assert_reference_accurate(name, e, x, rel=2e-5)
+    return out, ratios
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (9, 41), (3, 1000), (2, 70000)], ids=str)
+def test_entropy_matches_reference_and_float64(shape, dtype):
+    B, K = shape
+    logits = (_randn(B, K, seed=K) * 4).to(dtype)
+    y = torch.randint(0, K, (B,), generator=_gen(B)).to(DEVICE)
+    check_entropy(logits, y, gamma=2.5, max_scale=20.0 if K > 41 else 0.0)
+
+
+@pytest.mark.parametrize("block_k", [2, 16, 64])
+def test_entropy_loops_over_blocks_of_classes(block_k):
+    logits, y = _randn(9, 41, seed=3) * 3, torch.arange(9, device=DEVICE) * 4
+    out, _ = check_entropy(logits, y, block_k=block_k)
+    single = softmax_entropy_scale_triton(logits, y)  # one block of 64
+    for a, b in zip(out, single):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_entropy_non_contiguous_and_stride_zero_inputs(dtype):
+    base = _randn(41, 9, seed=4, dtype=dtype) * 3
+    labels = torch.arange(18, device=DEVICE) % 41
+    views = {
+        "transposed": base.t(),  # strides (1, 9)
+        "column slice": base.t()[:, ::2],
+        "row expand": base[:, 0].reshape(1, 41).expand(9, 41),  # stride 0 over rows
+        "class expand": base[0].reshape(9, 1).expand(9, 1000),  # stride 0 over classes: uniform rows
+    }
+    for name, logits in views.items():
+        y = labels[::2] if name != "class expand" else labels[::2].int() * 20  # strided int64, or int32
+        assert not logits.is_contiguous()
+        out, _ = check_entropy(logits, y, gamma=1.5)
+        contiguous = softmax_entropy_scale_triton(logits.contiguous(), y.contiguous(), gamma=1.5)
+        for a, b in zip(out, contiguous):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+    uniform = softmax_entropy_scale_triton(views["class expand"], labels[:9])
+    torch.testing.assert_close(uniform.entropy, torch.full((9,), math.log(1000), device=DEVICE))
+    torch.testing.assert_close(uniform.scale, torch.ones(9, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_entropy_extreme_logits(dtype):
+    big = torch.finfo(torch.float16).max  # 65504 (bf16 rounds it to 65536)
+    logits = torch.tensor(
+        [
+            [-INF, 0.0, 1.0, -INF, 2.0],
+            [1e4, -1e4, 0.0, 1e4, -1e4],
+            [big, -big, 0.0, big, 1.0],
+            [-INF, -INF, -INF, 3.0, -INF],  # one finite class: p = 1, H = 0
+            [-1e4, -1e4, -1e4, -1e4, -1e4],
+        ]
+    ).to(DEVICE, dtype)
+    y = torch.tensor([0, 1, 2, 3, 4], device=DEVICE)  # row 0 asks for a class with p = 0: log p = −inf
+    out, _ = check_entropy(logits, y, gamma=1.0, entropy_floor=1e-3, max_scale=50.0, block_k=2)
+    assert out.log_prob[0].item() == -INF and out.log_prob[3].item() == 0.0
+    assert out.entropy[3].item() == 0.0 and out.scale[3].item() == 50.0  # floored, then capped
+    assert out.dlogits[0, 0].item() == 1.0 and out.dlogits[0, 3].item() == 0.0
+    assert torch.isfinite(out.entropy).all() and torch.isfinite(out.dlogits).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("nan_at", [0, 17, 40])  # first block, middle, tail of the last block
+def test_entropy_propagates_nan_to_its_row_only(nan_at, dtype):
+    logits = _randn(4, 41, seed=5) * 3
+    logits[1, 3] = 50.0  # the row's max is elsewhere: a NaN-dropping max would hide the NaN
+    logits[1, nan_at] = math.nan
+    logits = logits.to(dtype)
+    out, _ = check_entropy(logits, torch.tensor([0, 1, 2, 3], device=DEVICE), block_k=16)
+    for field in out:
+        assert field[1].isnan().all() and not field[[0, 2, 3]].isnan().any()
+
+
+def test_entropy_label_outside_the_classes_gives_nan_log_prob():
+    out = softmax_entropy_scale_triton(_randn(2, 5), torch.tensor([1, 5], device=DEVICE))
+    assert not out.log_prob[0].isnan() and out.log_prob[1].isnan()  # no host sync to check labels
+
+
+@pytest.mark.parametrize(
+    "logits, y, match",
+    [
+        (torch.zeros(5), torch.zeros(5, dtype=torch.long), r"\(B, K\).*\(5,\)"),
+        (torch.zeros(2, 5), torch.zeros(3, dtype=torch.long), r"\(2, 5\) and \(3,\)"),
+        (torch.zeros(2, 0), torch.zeros(2, dtype=torch.long), "no classes"),
+        (torch.zeros(2, 5, dtype=torch.float64), torch.zeros(2, dtype=torch.long), "float64"),
+        (torch.zeros(2, 5), torch.zeros(2), "labels must be int32 or int64, got torch.float32"),
+    ],
+)
+def test_entropy_rejects_bad_inputs_with_a_clear_message(logits, y, match):
+    with pytest.raises(ValueError, match=match):
+        softmax_entropy_scale_triton(logits.to(DEVICE), y.to(DEVICE))
+
+
+# ---------------------------------------------------------------- guided DDPM and DDIM updates
+
+SCHEDULE = Schedule.create("linear", 1000, "20")
+INDEX = [0, 7, 19]  # per-sample timesteps: last step (no noise), middle, first
+
+
+def update_inputs(shape=(3, 3, 7, 5), dtype=torch.float32, seed=0, index=INDEX):
+    """x, eps, v, grad, scale, noise (in dtype) and per-sample coefs, nonzero for one batch."""
+    B = shape[0]
+    idx = torch.tensor(index[:B])
+    x, eps, grad, noise = (_randn(*shape, seed=seed + i, dtype=dtype) for i in range(4))
+    v = (torch.rand(*shape, generator=_gen(seed + 9)) * 2 - 1).to(DEVICE, dtype)
+    scale = (torch.rand(B, generator=_gen(seed + 10)) * 10).to(DEVICE)
+    coefs = pack_coefficients(SCHEDULE.coefficients(idx)).to(DEVICE)
+    return x, eps, v, grad, scale, noise, coefs, (idx != 0).float().to(DEVICE)
+
+
+def ddpm_f64(x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip_denoised):
+    """float64 oracle: the fastguide.diffusion pieces on float64 tensors (guided_ddpm_step casts to float32)."""
+    x, eps, noise = x.double(), eps.double(), noise.double()
+    c = unpack_coefficients(coefs.double())
+    var, log_var = model_variance(VARIANCE_NAMES[variance], c, None if v is None else v.double())
+    xstart = denoised_xstart(x, eps, c, clip_denoised)
+    mean = posterior_mean(xstart, x, c)
+    if grad is not None:
+        mean = mean + var * (grad.double() * scale.double().view(-1, 1, 1, 1))
+    return mean + nonzero.double().view(-1, 1, 1, 1) * torch.exp(0.5 * log_var) * noise, xstart
+
+
+def ddim_f64(x, eps, grad, scale, noise, coefs, nonzero, eta, clip_denoised, paper_form):
+    """float64 oracle: fastguide.diffusion.guided_ddim_step on float64 tensors."""
+    c = unpack_coefficients(coefs.double())
+    guidance = None if grad is None else grad.double() * scale.double().view(-1, 1, 1, 1)
+    out = guided_ddim_step(
+        x.double(), eps.double(), guidance, None if noise is None else noise.double(),
+        nonzero.double().view(-1, 1, 1, 1), c, eta, clip_denoised, "paper" if paper_form else "adm",
+    )  # fmt: skip
+    return out.x_prev, out.pred_xstart
+
+
+def check_update(kernel_out, eager_out, exact_out, x):
+    ratios = {}
+    for name, k, e, ex in zip(("x_prev", "pred_xstart"), kernel_out, eager_out, exact_out):
+        assert k.dtype == x.dtype and k.shape == x.shape, name
+        ratios[name] = assert_error_rule(name, k, e, ex)
+        assert_reference_accurate(name, e, ex, rel=1e-4 + (torch.finfo(x.dtype).eps if x.dtype != torch.float32 else 0))
+    return ratios
+
+
+def run_ddpm(args, variance, clip):
+    x, eps, v, grad, scale, noise, coefs, nonzero = args
+    v = v if variance in (0, 1) else None
+    if variance == 1:
+        v = (v.float() - 6).to(v.dtype)  # a log variance
+    call = (x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip)
+    out = guided_ddpm_update_triton(*call)
+    return out, check_update(out, guided_ddpm_update_ref(*call), ddpm_f64(*call), x)
+
+
+def run_ddim(args, eta, clip, paper_form):
+    x, eps, _, grad, scale, noise, coefs, nonzero = args
+    call = (x, eps, grad, scale, noise, coefs, nonzero, eta, clip, paper_form)
+    out = guided_ddim_update_triton(*call)
+    return out, check_update(out, guided_ddim_update_ref(*call), ddim_f64(*call), x)
+
+
+def _unguided(args):
+    x, eps, v, _, _, noise, coefs, nonzero = args
+    return x, eps, v, None, None, noise, coefs, nonzero
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variance", sorted(VARIANCE_NAMES), ids=VARIANCE_NAMES.get)
+def test_ddpm_update_matches_reference_and_float64(variance, dtype):
+    args = update_inputs(dtype=dtype, seed=variance)
+    for clip in (True, False):
+        run_ddpm(args, variance, clip)
+        run_ddpm(_unguided(args), variance, clip)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_update_matches_reference_and_float64(eta, dtype):
+    args = update_inputs(dtype=dtype, seed=int(eta * 10))
+    for clip in (True, False):
+        for paper_form in (True, False):
+            run_ddim(args, eta, clip, paper_form)
+        run_ddim(_unguided(args), eta, clip, False)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 1, 3, 9), (3, 3, 7, 5), (2, 3, 17, 31)], ids=str)
+def test_updates_on_odd_image_sizes(shape):
+    args = update_inputs(shape, seed=sum(shape))
+    run_ddpm(args, VARIANCE_CODES["learned_range"], True)
+    run_ddim(args, 0.5, True, False)
+
+
+@pytest.mark.parametrize("block", [8, 64])
+def test_updates_mask_the_tail_of_the_last_block(block):
+    x, eps, v, grad, scale, noise, coefs, nonzero = update_inputs()  # 105 pixels per sample
+    ddpm = (x, eps, v, grad, scale, noise, coefs, nonzero, 0, True)
+    for a, b in zip(launch_guided_ddpm_update(*ddpm, block=block), guided_ddpm_update_triton(*ddpm)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    ddim = (x, eps, grad, scale, noise, coefs, nonzero, 1.0, True, False)
+    for a, b in zip(launch_guided_ddim_update(*ddim, block=block), guided_ddim_update_triton(*ddim)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_per_sample_timesteps_in_one_batch_equal_each_sample_alone():
+    x, eps, v, grad, scale, noise, coefs, nonzero = args = update_inputs()
+    batch_ddpm, _ = run_ddpm(args, VARIANCE_CODES["learned_range"], True)
+    batch_ddim, _ = run_ddim(args, 0.5, True, False)
+    for b in range(3):
+        one = [t[b : b + 1] for t in args]
+        alone_ddpm, _ = run_ddpm(one, VARIANCE_CODES["learned_range"], True)
+        alone_ddim, _ = run_ddim(one, 0.5, True, False)
+        for batched, alone in zip(batch_ddpm + batch_ddim, alone_ddpm + alone_ddim):
+            torch.testing.assert_close(batched[b : b + 1], alone, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unguided_equals_guided_with_scale_zero(dtype):
+    x, eps, v, grad, scale, noise, coefs, nonzero = update_inputs(dtype=dtype)
+    zero = torch.zeros_like(scale)
+    for variance in VARIANCE_NAMES:
+        guided = guided_ddpm_update_triton(x, eps, v, grad, zero, noise, coefs, nonzero, variance, True)
+        unguided = guided_ddpm_update_triton(x, eps, v, None, None, noise, coefs, nonzero, variance, True)
+        for a, b in zip(guided, unguided):  # μ + σ²·0 is μ exactly
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for paper_form in (True, False):
+        guided = guided_ddim_update_triton(x, eps, grad, zero, noise, coefs, nonzero, 0.5, True, paper_form)
+        unguided = guided_ddim_update_triton(x, eps, None, None, noise, coefs, nonzero, 0.5, True, paper_form)
+        for a, b in zip(guided, unguided):  # the ε → x̂0 → ε round trip: equal up to rounding
+            tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else {}
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_ddim_without_noise_at_eta_zero_equals_with_noise():
+    x, eps, _, grad, scale, noise, coefs, nonzero = update_inputs()
+    with_noise = guided_ddim_update_triton(x, eps, grad, scale, noise, coefs, nonzero, 0.0, True, False)
+    without = guided_ddim_update_triton(x, eps, grad, scale, None, coefs, nonzero, 0.0, True, False)
+    for a, b in zip(with_noise, without):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_updates_accept_non_contiguous_and_stride_zero_inputs(dtype):
+    x, eps, v, grad, scale, noise, coefs, nonzero = update_inputs(dtype=dtype)
+    views = (
+        x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),  # channels-last: copied
+        torch.cat([eps, eps], dim=-1)[..., ::2],  # sliced: copied
+        v[:1].expand_as(v),  # stride 0 over the batch: used as is
+        grad[:, :, :1, :1].expand_as(grad),  # stride 0 inside a sample: copied
+        torch.cat([scale, scale])[::2],  # strided scale
+        noise[:1].expand_as(noise),
+        coefs.t().contiguous().t(),  # column-major coefficients
+        torch.stack([nonzero, nonzero], dim=1)[:, 0],  # stride 2
+    )
+    assert not any(t.is_contiguous() for t in views)
+    x, eps, v, grad, scale, noise, coefs, nonzero = views
+    for variance in VARIANCE_NAMES:
+        call = (x, eps, v, grad, scale, noise, coefs, nonzero, variance, True)
+        out = guided_ddpm_update_triton(*call)
+        check_update(out, guided_ddpm_update_ref(*call), ddpm_f64(*call), x)
+        dense = guided_ddpm_update_triton(*(t.contiguous() if torch.is_tensor(t) else t for t in call))
+        for a, b in zip(out, dense):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    call = (x, eps, grad, scale, noise, coefs, nonzero, 1.0, True, False)
+    out = guided_ddim_update_triton(*call)
+    check_update(out, guided_ddim_update_ref(*call), ddim_f64(*call), x)
+
+
+def test_updates_propagate_nan_like_the_reference():
+    x, eps, v, grad, scale, noise, coefs, nonzero = update_inputs()
+    eps[0, 1, 2, 3] = math.nan  # survives the clamp
+    grad[1, 0, 0, 0] = math.nan
+    for clip in (True, False):
+        for variance in VARIANCE_NAMES:
+            call = (x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip)
+            for a, b in zip(guided_ddpm_update_triton(*call), guided_ddpm_update_ref(*call)):
+                assert torch.equal(a.isnan(), b.isnan()) and a.isnan().sum() >= 1
+        call = (x, eps, grad, scale, noise, coefs, nonzero, 0.5, clip, False)
+        for a, b in zip(guided_ddim_update_triton(*call), guided_ddim_update_ref(*call)):
+            assert torch.equal(a.isnan(), b.isnan()) and a.isnan().sum() >= 1
+
+
+def _bad_update_calls():
+    x, eps, v, grad, scale, noise, coefs, nonzero = update_inputs()
+    ddpm = dict(x=x, eps=eps, v=v, grad=grad, scale=scale, noise=noise, coefs=coefs, nonzero=nonzero,
+                variance=0, clip_denoised=True)  # fmt: skip
+    ddim = dict(x=x, eps=eps, grad=grad, scale=scale, noise=noise, coefs=coefs, nonzero=nonzero, eta=0.5,
+                clip_denoised=True, paper_form=False)  # fmt: skip
+    D, I = guided_ddpm_update_triton, guided_ddim_update_triton  # noqa: E741
+    return [
+        (D, {**ddpm, "eps": eps[:, :2]}, r"eps has shape \(3, 2, 7, 5\), expected x's shape \(3, 3, 7, 5\)"),
+        (D, {**ddpm, "x": x.double(), "eps": eps.double()}, "x must be float32, float16 or bfloat16, got .*float64"),
+        (D, {**ddpm, "noise": noise.double()}, "noise must be .*got torch.float64"),
+        (D, {**ddpm, "x": x[0]}, r"x must be \(B, C, H, W\), got shape \(3, 7, 5\)"),
+        (D, {**ddpm, "coefs": coefs[:, :5]}, r"coefs has shape \(3, 5\), expected \(3, 11\)"),
+        (D, {**ddpm, "scale": scale[:2]}, r"scale has shape \(2,\), expected \(3,\)"),
+        (D, {**ddpm, "variance": 7}, "unknown variance code 7"),
+        (D, {**ddpm, "v": None}, "learned variances need v"),
+        (D, {**ddpm, "scale": None}, "grad and scale must both be given"),
+        (I, {**ddim, "noise": None}, "eta = 0.5 > 0 needs noise"),
+        (I, {**ddim, "eta": -1.0}, "eta must be >= 0"),
+        (I, {**ddim, "nonzero": nonzero.long()}, "nonzero must be a floating tensor"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_updates_reject_bad_inputs_with_a_clear_message(case):
+    fn, kwargs, match = _bad_update_calls()[case]
+    with pytest.raises(ValueError, match=match):
+        fn(**kwargs)
+
+
+# ---------------------------------------------------------------- backend refusal, import and compilation
+
+
+def test_refusal_names_the_reason():
+    x = torch.zeros(2, 3, device=DEVICE)
+    assert triton_refusal(x, None, torch.zeros(2, dtype=torch.long, device=DEVICE)) is None
+    assert "float64" in triton_refusal(x.double())
+    assert "meta" in triton_refusal(torch.zeros(2, device="meta"))
+    if DEVICE == "cpu":
+        assert "TRITON_INTERPRET=1" in triton_refusal(x, kernel=object())  # a kernel built for the GPU
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    )
+
+
+def test_kernel_modules_import_without_triton_and_refuse_with_the_reason():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch\n"
+        "from fastguide.kernels import triton_entropy, triton_update\n"
+        "from fastguide.kernels.triton_common import triton_refusal\n"
+        "print(triton_refusal(torch.zeros(1)))\n"
+        "try:\n"
+        "    triton_entropy.softmax_entropy_scale_triton(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("triton is not importable (")
+    assert lines[1].startswith("Triton backend unavailable: triton is not importable")
+
+
+def test_kernels_compile_for_a_gpu_without_one(tmp_path):
+    """Compile only (TTIR → cubin for sm_90), so that a kernel the interpreter accepts but the compiler
+    rejects cannot land; needs triton's NVIDIA backend (ptxas ships with it), no GPU."""
+    pytest.importorskip("triton.backends.nvidia")
+    code = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastguide.kernels import triton_entropy as te, triton_update as tu
+
+def compile(kernel, pointers, ints, floats, **constexprs):
+    types = {**pointers, **{n: "i32" for n in ints}, **{n: "fp32" for n in floats}}
+    types.update({n: "constexpr" for n in constexprs})
+    sig = {n: types[n] for n in kernel.arg_names}  # in argument order
+    triton.compile(ASTSource(kernel, sig, constexprs), target=GPUTarget("cuda", 90, 32))
+
+outs = {n: "*fp32" for n in ("log_prob_ptr", "entropy_ptr", "scale_ptr", "dlogits_ptr")}
+compile(te._softmax_entropy_scale_kernel, {"logits_ptr": "*fp16", "labels_ptr": "*i64", **outs},
+        ["K", "stride_lb", "stride_lk", "stride_y", "stride_db"], ["numerator", "entropy_floor", "max_scale"],
+        BLOCK_K=4096)
+images = ("x_ptr", "eps_ptr", "grad_ptr", "noise_ptr", "x_prev_ptr", "xstart_ptr")
+rows = {n: "*fp32" for n in ("scale_ptr", "coefs_ptr", "nonzero_ptr")}
+strides = ["stride_x", "stride_eps", "stride_grad", "stride_noise", "stride_scale", "stride_cb", "stride_cc",
+           "stride_nz", "stride_out"]
+for variance in range(4):
+    compile(tu._guided_ddpm_update_kernel, {**{n: "*bf16" for n in images + ("v_ptr",)}, **rows},
+            ["N", "stride_v"] + strides, [], VARIANCE=variance, GUIDED=variance < 2, CLIP=True, BLOCK=1024,
+            **tu._COLUMNS)
+compile(tu._guided_ddim_update_kernel, {**{n: "*fp16" for n in images}, **rows}, ["N"] + strides, ["eta"],
+        GUIDED=True, PAPER_FORM=False, CLIP=True, HAS_NOISE=True, BLOCK=1024, **tu._COLUMNS)
+print("compiled")
+"""
+    result = _python(code, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    if result.returncode != 0 and "ptxas" in result.stderr and "not found" in result.stderr:
+        pytest.skip("triton's ptxas is not available")
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
