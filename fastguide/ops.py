@@ -92,10 +92,13 @@ def _ext_refusal(op: str, tensors: list[torch.Tensor], forced: bool) -> str | No
     x = tensors[0]
     if x.dtype not in _EXT_DTYPES:
         return f"images of dtype {x.dtype}; the extension takes {sorted(str(d) for d in _EXT_DTYPES)}"
+    images = [t for t in tensors if t.dim() == 4]
+    if any(t.dtype != x.dtype for t in images):
+        return f"image tensors of mixed dtypes {sorted({str(t.dtype) for t in images})}; the extension needs one"
     return None
 
 
-_EXT_DTYPES = {torch.float32}
+_EXT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 EXT_OPS = ("guided_ddpm_update", "guided_ddim_update")  # the extension does not implement the entropy op
 
 
@@ -135,6 +138,7 @@ def choose(op: str, *args) -> str:
     reasons = explain(op, *args)
     if forced == "ext" and op not in EXT_OPS:
         forced = None  # an op the forced backend does not implement at all is dispatched as usual
+    if forced is not None:
         reason = dict(reasons)[forced]
         if reason is not None:
             raise BackendUnavailable(f"{ENV}={forced} cannot serve {op}: {reason}")
