@@ -30,6 +30,8 @@ from .schedule import Schedule, space_timesteps
 __version__ = "0.1.0"
 
 __all__ = [
+    "adm",
+    "ops",
     "POLICIES",
     "ClassifierOutput",
     "Constant",

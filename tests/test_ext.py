@@ -24,13 +24,12 @@ import torch
 import fastguide
 import fastguide as fg
 from fastguide import _ext
-from fastguide.diffusion import denoised_xstart, guided_ddim_step, model_variance, posterior_mean
+from update_oracle import ddim_f64, ddpm_f64
 from fastguide.kernels.reference import (
     VARIANCE_CODES,
     guided_ddim_update_ref,
     guided_ddpm_update_ref,
     pack_coefficients,
-    unpack_coefficients,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,28 +146,6 @@ def _inputs(shape, dtype, variance=0, layout="contiguous", seed=0):
     return x, eps, v, grad, scale, noise, coefs, nonzero
 
 
-def _ddpm_f64(x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip_denoised):
-    """guided_ddpm_step's arithmetic in float64 (the step itself keeps ADM's float32 cast of the guided mean)."""
-    c = unpack_coefficients(coefs.double())
-    x, eps = x.double(), eps.double()
-    var, log_var = model_variance(VARIANCE_NAMES[variance], c, None if v is None else v.double())
-    xstart = denoised_xstart(x, eps, c, clip_denoised)
-    mean = posterior_mean(xstart, x, c)
-    if grad is not None:
-        mean = mean + var * (grad.double() * scale.double().view(-1, 1, 1, 1))
-    return mean + nonzero.double().view(-1, 1, 1, 1) * torch.exp(0.5 * log_var) * noise.double(), xstart
-
-
-def _ddim_f64(x, eps, grad, scale, noise, coefs, nonzero, eta, clip_denoised, paper_form):
-    c = unpack_coefficients(coefs.double())
-    guidance = None if grad is None else grad.double() * scale.double().view(-1, 1, 1, 1)
-    out = guided_ddim_step(
-        x.double(), eps.double(), guidance, None if noise is None else noise.double(),
-        nonzero.double().view(-1, 1, 1, 1), c, eta, clip_denoised, "paper" if paper_form else "adm",
-    )  # fmt: skip
-    return out.x_prev, out.pred_xstart
-
-
 def _assert_within_twice_eager_error(got, ref, exact, dtype):
     """Each output of the op: max |op − float64| ≤ 2·max |eager reference − float64| + 1e-6."""
     for name, g, r, e in zip(("x_prev", "pred_xstart"), got, ref, exact):
@@ -195,7 +172,7 @@ def test_ddpm_update_matches_reference(variance, clip, guided, shape, dtype):
         grad = scale = None
     args = (x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip)
     got = _ext.guided_ddpm_update(*args)
-    _assert_within_twice_eager_error(got, guided_ddpm_update_ref(*args), _ddpm_f64(*args), dtype)
+    _assert_within_twice_eager_error(got, guided_ddpm_update_ref(*args), ddpm_f64(*args), dtype)
 
 
 @needs_ext
@@ -213,7 +190,7 @@ def test_ddim_update_matches_reference(eta, paper_form, clip, guided, shape, dty
         noise = None  # not needed, and allowed to be absent
     args = (x, eps, grad, scale, noise, coefs, nonzero, eta, clip, paper_form)
     got = _ext.guided_ddim_update(*args)
-    _assert_within_twice_eager_error(got, guided_ddim_update_ref(*args), _ddim_f64(*args), dtype)
+    _assert_within_twice_eager_error(got, guided_ddim_update_ref(*args), ddim_f64(*args), dtype)
 
 
 @needs_ext
@@ -222,7 +199,7 @@ def test_ddim_update_matches_reference(eta, paper_form, clip, guided, shape, dty
 def test_ddpm_update_non_contiguous_inputs(variance, layout):
     args = (*_inputs((3, 3, 9, 41), torch.float32, variance, layout), variance, True)
     got = _ext.guided_ddpm_update(*args)
-    _assert_within_twice_eager_error(got, guided_ddpm_update_ref(*args), _ddpm_f64(*args), torch.float32)
+    _assert_within_twice_eager_error(got, guided_ddpm_update_ref(*args), ddpm_f64(*args), torch.float32)
     # outputs are laid out like torch.empty_like(x), as the fake implementation promises
     assert got[0].stride() == torch.empty_like(args[0]).stride()
 
@@ -233,7 +210,7 @@ def test_ddim_update_non_contiguous_inputs(layout):
     x, eps, _, grad, scale, noise, coefs, nonzero = _inputs((3, 3, 9, 41), torch.float32, layout=layout)
     args = (x, eps, grad, scale, noise, coefs, nonzero, 0.5, True, False)
     got = _ext.guided_ddim_update(*args)
-    _assert_within_twice_eager_error(got, guided_ddim_update_ref(*args), _ddim_f64(*args), torch.float32)
+    _assert_within_twice_eager_error(got, guided_ddim_update_ref(*args), ddim_f64(*args), torch.float32)
     assert got[0].stride() == torch.empty_like(x).stride()
 
 
@@ -417,8 +394,8 @@ def test_cuda_ops_match_reference(shape, dtype):
         dev = [None if t is None else t.cuda() for t in cpu]
         args = (*cpu, variance, True)
         got = _ext.guided_ddpm_update(*dev, variance, True)
-        _assert_within_twice_eager_error([t.cpu() for t in got], guided_ddpm_update_ref(*args), _ddpm_f64(*args), dtype)
+        _assert_within_twice_eager_error([t.cpu() for t in got], guided_ddpm_update_ref(*args), ddpm_f64(*args), dtype)
     x, eps, _, grad, scale, noise, coefs, nonzero = _inputs(shape, dtype)
     args = (x, eps, grad, scale, noise, coefs, nonzero, 0.5, True, False)
     got = _ext.guided_ddim_update(*[t.cuda() if isinstance(t, torch.Tensor) else t for t in args])
-    _assert_within_twice_eager_error([t.cpu() for t in got], guided_ddim_update_ref(*args), _ddim_f64(*args), dtype)
+    _assert_within_twice_eager_error([t.cpu() for t in got], guided_ddim_update_ref(*args), ddim_f64(*args), dtype)

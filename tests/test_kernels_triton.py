@@ -23,19 +23,12 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from fastguide.diffusion import (  # noqa: E402
-    denoised_xstart,
-    guided_ddim_step,
-    model_variance,
-    posterior_mean,
-)
 from fastguide.kernels.reference import (  # noqa: E402
     VARIANCE_CODES,
     guided_ddim_update_ref,
     guided_ddpm_update_ref,
     pack_coefficients,
     softmax_entropy_scale_ref,
-    unpack_coefficients,
 )
 from fastguide.kernels.triton_common import is_interpreted, triton_refusal  # noqa: E402
 from fastguide.kernels.triton_entropy import (  # noqa: E402
@@ -50,6 +43,7 @@ from fastguide.kernels.triton_update import (  # noqa: E402
     launch_guided_ddpm_update,
 )
 from fastguide.schedule import Schedule  # noqa: E402
+from update_oracle import ddim_f64, ddpm_f64  # noqa: E402
 
 if DEVICE == "cpu" and not is_interpreted(_softmax_entropy_scale_kernel):
     pytest.skip(
@@ -239,29 +233,6 @@ def update_inputs(shape=(3, 3, 7, 5), dtype=torch.float32, seed=0, index=INDEX):
     scale = (torch.rand(B, generator=_gen(seed + 10)) * 10).to(DEVICE)
     coefs = pack_coefficients(SCHEDULE.coefficients(idx)).to(DEVICE)
     return x, eps, v, grad, scale, noise, coefs, (idx != 0).float().to(DEVICE)
-
-
-def ddpm_f64(x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip_denoised):
-    """float64 oracle: the fastguide.diffusion pieces on float64 tensors (guided_ddpm_step casts to float32)."""
-    x, eps, noise = x.double(), eps.double(), noise.double()
-    c = unpack_coefficients(coefs.double())
-    var, log_var = model_variance(VARIANCE_NAMES[variance], c, None if v is None else v.double())
-    xstart = denoised_xstart(x, eps, c, clip_denoised)
-    mean = posterior_mean(xstart, x, c)
-    if grad is not None:
-        mean = mean + var * (grad.double() * scale.double().view(-1, 1, 1, 1))
-    return mean + nonzero.double().view(-1, 1, 1, 1) * torch.exp(0.5 * log_var) * noise, xstart
-
-
-def ddim_f64(x, eps, grad, scale, noise, coefs, nonzero, eta, clip_denoised, paper_form):
-    """float64 oracle: fastguide.diffusion.guided_ddim_step on float64 tensors."""
-    c = unpack_coefficients(coefs.double())
-    guidance = None if grad is None else grad.double() * scale.double().view(-1, 1, 1, 1)
-    out = guided_ddim_step(
-        x.double(), eps.double(), guidance, None if noise is None else noise.double(),
-        nonzero.double().view(-1, 1, 1, 1), c, eta, clip_denoised, "paper" if paper_form else "adm",
-    )  # fmt: skip
-    return out.x_prev, out.pred_xstart
 
 
 def check_update(kernel_out, eager_out, exact_out, x):
