@@ -77,16 +77,24 @@ def _cuda_ms(fn, reps=50) -> float:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the bandwidth target is a GPU target")
 def test_gpu_fused_update_reaches_copy_bandwidth(tagged_benchmark):
+    """Both sides stream from DRAM: the update cycles through 8 input sets (8 x 44 MB, beyond any L2), the
+    copy moves 256 MiB; the backend is chosen once, so dispatch's host time is not counted."""
     shape = (8, 3, 256, 256)
-    args = op_args("guided_ddpm_update", shape)
-    x = args[0]
+    sets = [op_args("guided_ddpm_update", shape) for _ in range(8)]
+    x = sets[0][0]
     n_bytes = x.numel() * x.element_size()
-    big = torch.empty(64 * 2**20, device="cuda")  # 256 MiB: beyond L2
+    big = torch.empty(64 * 2**20, device="cuda")
     copy_gbs = 2 * big.numel() * 4 / (_cuda_ms(lambda: big.clone()) * 1e-3) / 1e9
-    backend = ops.choose("guided_ddpm_update", *args)
-    fused_ms = _cuda_ms(lambda: ops.call("guided_ddpm_update", *args))
+    backend = ops.choose("guided_ddpm_update", *sets[0])
+    impl = ops._BACKENDS[backend][1]("guided_ddpm_update")
+    turn = iter(range(10**9))
+
+    def step():
+        return impl(*sets[next(turn) % len(sets)])
+
+    fused_ms = _cuda_ms(step, reps=80)
     moved = 7 * n_bytes  # reads x, eps, v, grad, noise; writes x_prev and x0
     fused_gbs = moved / (fused_ms * 1e-3) / 1e9
     tagged_benchmark.extra_info.update(backend=backend, copy_gbs=copy_gbs, fused_gbs=fused_gbs)
-    tagged_benchmark(lambda: (ops.call("guided_ddpm_update", *args), torch.cuda.synchronize()))
+    tagged_benchmark(lambda: (step(), torch.cuda.synchronize()))
     assert fused_gbs >= 0.85 * copy_gbs, f"{backend}: {fused_gbs:.0f} GB/s vs copy {copy_gbs:.0f} GB/s"

@@ -61,6 +61,8 @@ def _triton_impl(op: str) -> Callable:
 def _triton_refusal(op: str, tensors: list[torch.Tensor], forced: bool) -> str | None:
     if not forced and any(t.device.type == "cpu" for t in tensors):
         return "CPU tensors run Triton only in its interpreter, which automatic dispatch never picks"
+    if op != "softmax_entropy_scale" and tensors and tensors[0].shape[0] > TRITON_MAX_BATCH:
+        return f"batch {tensors[0].shape[0]} exceeds the {TRITON_MAX_BATCH} programs of the kernels' grid axis 1"
     try:
         from .kernels.triton_common import triton_refusal
     except ImportError as err:  # pragma: no cover - the module ships with the package
@@ -98,6 +100,7 @@ def _ext_refusal(op: str, tensors: list[torch.Tensor], forced: bool) -> str | No
     return None
 
 
+TRITON_MAX_BATCH = 65535  # the update kernels put the batch on CUDA grid axis 1
 _EXT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 EXT_OPS = ("guided_ddpm_update", "guided_ddim_update")  # the extension does not implement the entropy op
 
@@ -177,11 +180,18 @@ def softmax_entropy_scale(logits, y, gamma=1.0, entropy_floor=1e-6, max_scale=0.
     return call("softmax_entropy_scale", logits, y, gamma, entropy_floor, max_scale)
 
 
+def _per_sample(value: torch.Tensor | None) -> torch.Tensor | None:
+    """(B,) float32 view of a per-sample input given as (B,), (B,1,1,1), bool or any float dtype."""
+    return None if value is None else value.reshape(-1).float()
+
+
 def guided_ddpm_update(x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip_denoised):
     """The fused guided DDPM update (see fastguide.kernels.reference)."""
+    scale, nonzero, coefs = _per_sample(scale), _per_sample(nonzero), coefs.float()
     return call("guided_ddpm_update", x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip_denoised)
 
 
 def guided_ddim_update(x, eps, grad, scale, noise, coefs, nonzero, eta, clip_denoised, paper_form):
     """The fused guided DDIM update (see fastguide.kernels.reference)."""
+    scale, nonzero, coefs = _per_sample(scale), _per_sample(nonzero), coefs.float()
     return call("guided_ddim_update", x, eps, grad, scale, noise, coefs, nonzero, eta, clip_denoised, paper_form)

@@ -2,8 +2,7 @@
 published configurations have ADM's shapes, and checkpoints load without unpickling code."""
 
 import math
-import os
-import pickle
+import pathlib
 
 import pytest
 import torch
@@ -184,16 +183,21 @@ def test_pt_checkpoint_loads_weights_only(tmp_path):
 
 
 class _Payload:
+    """Unpickling this would create the sentinel file (a stand-in for arbitrary code)."""
+
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
+        return (pathlib.Path.touch, (self.sentinel,))
 
 
 def test_pickled_code_payload_is_refused(tmp_path):
-    path = tmp_path / "evil.pt"
-    with open(path, "wb") as f:
-        pickle.dump({"weight": _Payload()}, f, protocol=2)
+    path, sentinel = tmp_path / "evil.pt", tmp_path / "payload-ran"
+    torch.save({"weight": _Payload(sentinel)}, path)  # a real torch checkpoint carrying code
     with pytest.raises(ValueError, match="evil.pt"):
         load_state_dict(path)
+    assert not sentinel.exists()
 
 
 def test_unknown_checkpoint_suffix_and_missing_file(tmp_path):

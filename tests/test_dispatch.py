@@ -77,3 +77,24 @@ def test_sampler_goes_through_dispatch_and_matches_the_torch_backend():
         with ops.use_backend("torch"):
             ref = s.sample([1, 3], seeds=[0, 1]).images
         torch.testing.assert_close(auto, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_calls_the_fused_ops_through_dispatch(monkeypatch):
+    seen = []
+    real = ops.call
+    monkeypatch.setattr(ops, "call", lambda op, *a: seen.append(op) or real(op, *a))
+    torch.manual_seed(0)
+    unet = fg.adm.UNetModel(8, 3, 32, 6, 1, (), channel_mult=(1,)).eval()
+    clf = fg.adm.EncoderUNetModel(8, 3, 32, 4, 1, (), channel_mult=(1,)).eval()
+    for method in ("ddpm", "ddim"):
+        s = fg.GuidedSampler(unet, clf, fg.Schedule.create("linear", 1000, "ddim3"), fg.EntropyDriven(2.0),
+                             fg.SamplerConfig(method=method))  # fmt: skip
+        s.sample([1], seeds=[0])
+    assert seen == ["softmax_entropy_scale", "guided_ddpm_update"] * 3 + ["softmax_entropy_scale", "guided_ddim_update"] * 3
+
+
+def test_per_sample_inputs_in_other_layouts_are_normalised_before_dispatch():
+    x, eps, grad, scale, noise, coefs, nonzero, *rest = _ddim_args()
+    expected = ops.guided_ddim_update(x, eps, grad, scale, noise, coefs, nonzero, *rest)
+    got = ops.guided_ddim_update(x, eps, grad, scale.view(-1, 1, 1, 1).double(), noise, coefs, nonzero.bool(), *rest)
+    torch.testing.assert_close(got, expected)

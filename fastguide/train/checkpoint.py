@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,9 +77,13 @@ def write_checkpoint(
         for f in tmp.iterdir():
             _fsync_file(f)
         final = root / name
-        if final.exists():  # a checkpoint of the same step from an earlier attempt
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        if final.exists():  # a checkpoint of the same step from an earlier attempt: move it aside first
+            old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{name}-", dir=root))
+            os.rename(final, old / name)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
         _fsync_dir(root)
         pointer = root / f".tmp-{LATEST}-{os.getpid()}"
         pointer.write_text(name + "\n")
@@ -110,9 +115,14 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
         pointer = folder / LATEST
         if pointer.is_file():
             path = folder / pointer.read_text().strip()
-            if not (path / "state.pt").is_file():
+            if (path / "state.pt").is_file():
+                return path
+            # a crash while the same step was re-written: fall back to the newest complete checkpoint
+            complete = sorted(p for p in folder.glob("step_*") if (p / "state.pt").is_file())
+            if not complete:
                 raise ValueError(f"checkpoint pointer {str(pointer)!r} names {str(path)!r}, which is incomplete")
-            return path
+            warnings.warn(f"{str(path)!r} named by {str(pointer)!r} is incomplete; using {str(complete[-1])!r}")
+            return complete[-1]
     return None
 
 

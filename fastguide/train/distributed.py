@@ -90,7 +90,8 @@ def _attempt_store(rank: int, world_size: int):
     published there would otherwise be read by the new attempt (gloo then connects to a dead peer).
     """
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None or "MASTER_ADDR" not in os.environ:
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else the process group hosts its own
+    if attempt is None or not shared or "MASTER_ADDR" not in os.environ:
         return None
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],

@@ -148,7 +148,12 @@ class BatchStream:
             self.sampler.set_epoch(epoch)
             order = list(self.sampler)
             batches = [order[i * self.rank_batch : (i + 1) * self.rank_batch] for i in range(self.batches_per_epoch)]
-            loader = DataLoader(self.dataset, batch_sampler=batches[first:], num_workers=self.num_workers)
+            # its own generator: a loader otherwise draws its base seed from the global RNG, which the
+            # checkpoint saves, and a mid-epoch resume would shift every later dropout mask
+            loader = DataLoader(
+                self.dataset, batch_sampler=batches[first:], num_workers=self.num_workers,
+                generator=torch.Generator().manual_seed(epoch),
+            )  # fmt: skip
             for k, (x, y) in enumerate(loader, start=first + 1):
                 yield _Position(epoch, k) if k < self.batches_per_epoch else _Position(epoch + 1, 0), x, y
             epoch, first = epoch + 1, 0

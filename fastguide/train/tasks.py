@@ -234,7 +234,18 @@ def train_diffusion(
     return _train(config, "diffusion", model, train_set, val_set)
 
 
+def _reject_fp16_weights(config) -> None:
+    """ADM's fp16 flags store float16 weights; training takes --precision instead."""
+    for flag in ("use_fp16", "classifier_use_fp16"):
+        if getattr(config.model, flag, False):
+            raise ValueError(
+                f"--{flag} true stores float16 weights, which AdamW would update without a master copy; "
+                "train with --precision fp16 (autocast and a gradient scaler) instead"
+            )
+
+
 def _train(config, kind: str, model, train_set, val_set) -> TrainResult:
+    _reject_fp16_weights(config)
     dist = init_distributed(config.device)
     if train_set is None:
         train_set, default_val = load_datasets(config)
