@@ -1,0 +1,53 @@
+"""Rebuilding trained networks from a training run's folder (config.json + safetensors weights).
+
+A run folder written by ``fastguide train-classifier`` / ``train-diffusion`` (or a copy of its
+``config.json`` and weights, as the models shipped with fastguide are) holds everything needed: the
+ADM flags under ``"model"`` and the weights. Diffusion runs also carry EMA weights, which sampling
+uses by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from torch import nn
+
+from .adm.checkpoint import load_state_dict
+from .adm.configs import ClassifierFlags, ModelFlags
+
+
+def _flags(model: dict) -> ClassifierFlags | ModelFlags:
+    kind = ClassifierFlags if "classifier_width" in model else ModelFlags
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(model) - known)
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} fields in the run config: {unknown}")
+    return kind(**model)
+
+
+def load_run(path: str | os.PathLike, weights: str = "auto") -> nn.Module:
+    """The network of the run folder ``path``, with its trained weights, in eval mode.
+
+    Args:
+        path: a run folder (``config.json`` and ``model.safetensors``, optionally ``ema.safetensors``).
+        weights: "auto" (EMA weights when present, else the model's), "ema" or "model".
+    Raises:
+        FileNotFoundError: no config.json or no requested weights in ``path``.
+        ValueError: a config without ADM flags, or an unknown ``weights`` choice.
+    """
+    path = Path(path)
+    if weights not in ("auto", "ema", "model"):
+        raise ValueError(f"weights must be 'auto', 'ema' or 'model', got {weights!r}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {str(path)!r}")
+    config = json.loads(config_file.read_text())
+    if not isinstance(config.get("model"), dict):
+        raise ValueError(f"{str(config_file)!r} has no 'model' flags; it was not written by a fastguide training run")
+    stem = "ema" if weights == "ema" or (weights == "auto" and (path / "ema.safetensors").is_file()) else "model"
+    model = _flags(config["model"]).build()
+    model.load_state_dict(load_state_dict(path / f"{stem}.safetensors"), strict=True)
+    return model.eval()
