@@ -378,7 +378,10 @@ class Trainer:
         if self.dist.is_main:
             _append_jsonl(self.out_dir / "train.jsonl", row)
             text = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-            (bar.write if bar is not None else print)(text)
+            if bar is not None:
+                bar.write(text)
+            else:
+                print(text, flush=True)
 
     def run(self) -> TrainResult:
         cfg = self.cfg
