@@ -22,8 +22,9 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("name")
     parser.add_argument("--command", required=True)
+    parser.add_argument("--weights-dir", type=Path, default=ROOT / "fastguide" / "weights")
     args = parser.parse_args()
-    run, dest = args.run, ROOT / "fastguide" / "weights" / args.name
+    run, dest = args.run, args.weights_dir / args.name
     config = json.loads((run / "config.json").read_text())
     weights = run / ("ema.safetensors" if (run / "ema.safetensors").is_file() else "model.safetensors")
     train_rows = [json.loads(x) for x in (run / "train.jsonl").read_text().splitlines()]

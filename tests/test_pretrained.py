@@ -47,3 +47,22 @@ def test_bad_run_folders_are_named(tmp_path):
         load_run(tmp_path)
     with pytest.raises(ValueError, match="'best'"):
         load_run(tmp_path, weights="best")
+
+
+def test_ship_model_script_writes_weights_config_and_card(tmp_path, tiny_train):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = ClassifierTrainConfig(out_dir=str(tmp_path / "c"), model=TINY_CLF, batch_size=8, iterations=2,
+                                eval_interval=0, progress=False, val_data="none", log_interval=1)  # fmt: skip
+    train_classifier(cfg, train_set=tiny_train)
+    script = Path(__file__).parent.parent / "scripts" / "ship_model.py"
+    subprocess.run([sys.executable, str(script), str(tmp_path / "c"), "tiny", "--command", "fastguide train-x",
+                    "--weights-dir", str(tmp_path / "w")], check=True, capture_output=True)  # fmt: skip
+    shipped = tmp_path / "w" / "tiny"
+    assert sorted(p.name for p in shipped.iterdir()) == ["MODEL_CARD.md", "config.json", "model.safetensors"]
+    card = (shipped / "MODEL_CARD.md").read_text()
+    assert "fastguide train-x" in card and "steps: 2" in card
+    assert torch.equal(load_run(shipped).state_dict()["out.2.c_proj.weight"],
+                       load_run(tmp_path / "c").state_dict()["out.2.c_proj.weight"])  # fmt: skip
