@@ -66,3 +66,17 @@ def test_ship_model_script_writes_weights_config_and_card(tmp_path, tiny_train):
     assert "fastguide train-x" in card and "steps: 2" in card
     assert torch.equal(load_run(shipped).state_dict()["out.2.c_proj.weight"],
                        load_run(tmp_path / "c").state_dict()["out.2.c_proj.weight"])  # fmt: skip
+
+
+def test_shipped_evaluation_network_reaches_98_percent_on_the_held_out_split():
+    from pathlib import Path
+
+    import fastguide
+
+    net = load_run(Path(fastguide.__file__).parent / "weights" / "eval")
+    held_out = mnist5k("heldout")
+    x = torch.stack([held_out[i][0] for i in range(len(held_out))])
+    y = torch.tensor([held_out[i][1] for i in range(len(held_out))])
+    with torch.no_grad():
+        accuracy = (net(x, torch.zeros(len(x), dtype=torch.long)).argmax(-1) == y).float().mean().item()
+    assert accuracy >= 0.98
