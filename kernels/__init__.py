@@ -4,6 +4,6 @@ Every fused op has a ``*_ref`` beside it that is both the runtime fallback and t
 The Triton kernels and the dispatch between backends are added on top of these references.
 """
 
-from .reference import softmax_entropy_ref
+from .reference import softmax_entropy_scale_ref
 
-__all__ = ["softmax_entropy_ref"]
+__all__ = ["softmax_entropy_scale_ref"]

@@ -29,12 +29,12 @@ Shared conventions of the two updates:
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from fastguide.diffusion import guided_ddim_step, guided_ddpm_step, model_variance
+from fastguide.guidance import eds_scale, entropy_from_log_probs
 from fastguide.schedule import StepCoefficients
 
 COEF_FIELDS = StepCoefficients._fields
@@ -67,23 +67,14 @@ def softmax_entropy_scale_ref(
     if logits.dim() != 2 or y.shape != logits.shape[:1]:
         raise ValueError(f"expected logits (B, K) and labels (B,), got {tuple(logits.shape)} and {tuple(y.shape)}")
     lp = torch.log_softmax(logits.float(), dim=-1)
-    p = lp.exp()
-    plogp = torch.where(lp == -math.inf, torch.zeros_like(lp), p * lp)
-    entropy = -plogp.sum(dim=-1)
+    entropy = entropy_from_log_probs(lp)
     rows = torch.arange(len(y), device=y.device)
     onehot = torch.zeros_like(lp)
     onehot[rows, y] = 1.0
     # onehot − p through log-softmax's own backward, so the result is bitwise what autograd gives ADM
     dlogits = torch.ops.aten._log_softmax_backward_data(onehot, lp, 1, torch.float32)
-    scale = gamma * math.log(logits.shape[1]) / entropy.clamp_min(entropy_floor)
-    if max_scale > 0:
-        scale = scale.clamp_max(max_scale)
+    scale = eds_scale(entropy, logits.shape[1], gamma, entropy_floor, max_scale if max_scale > 0 else None)
     return SoftmaxEntropy(lp[rows, y], entropy, scale, dlogits)
-
-
-def softmax_entropy_ref(logits: torch.Tensor, y: torch.Tensor) -> SoftmaxEntropy:
-    """``softmax_entropy_scale_ref`` with γ = 1 and the default floor (kept for older callers)."""
-    return softmax_entropy_scale_ref(logits, y)
 
 
 def _guidance(grad: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor | None:
