@@ -71,7 +71,7 @@ def _train_command(sub, name: str, config_cls, help_text: str):
         if a.dest in arch:
             a.default = getattr(flags_default, a.dest)
             a.help = re.sub(r"\(default: .*\)$", f"(default: {a.default!r})", a.help)
-    parser.set_defaults(_build=lambda ns: config_cls(
+    parser.set_defaults(_run=_train, _build=lambda ns: config_cls(
         **{k: getattr(ns, k) for k in own},
         model=dataclasses.replace(flags_default, **{k: getattr(ns, k) for k in arch}),
     ))  # fmt: skip
@@ -79,10 +79,14 @@ def _train_command(sub, name: str, config_cls, help_text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .commands import add_evaluate_command, add_reproduce_command, add_sample_command
     from .train.tasks import ClassifierTrainConfig, DiffusionTrainConfig
 
     parser = argparse.ArgumentParser(prog="fastguide", description="Classifier-guided diffusion with EDS and ECT.")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_sample_command(sub)
+    add_evaluate_command(sub)
+    add_reproduce_command(sub)
     _train_command(
         sub, "train-classifier", ClassifierTrainConfig,
         "Train a noise-aware classifier (ADM's recipe; ECT with --eta > 0). Runs under torchrun for DDP.",
@@ -94,18 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train(args: argparse.Namespace) -> None:
+    config = args._build(args)
+    if args.command == "train-classifier":
+        from .train.tasks import train_classifier as run
+    else:
+        from .train.tasks import train_diffusion as run
+    run(config)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fastguide`` console script and ``python -m fastguide``."""
+    """Entry point of the ``fastguide`` console script and ``python -m fastguide``.
+
+    Bad input ends the command with one line ``fastguide CMD: error: ...`` on stderr and exit status 2.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = args._build(args)
-        if args.command == "train-classifier":
-            from .train.tasks import train_classifier as run
-        else:
-            from .train.tasks import train_diffusion as run
-        run(config)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fastguide {args.command}: error: {err}", file=sys.stderr)
+        args._run(args)
+    except (ValueError, FileNotFoundError, PermissionError, FloatingPointError, ModuleNotFoundError) as err:
+        message = " ".join(str(err).split())
+        print(f"fastguide {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0

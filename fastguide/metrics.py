@@ -19,6 +19,8 @@ import numpy as np
 FID_EPSILON = 1e-6
 # imaginary parts of sqrtm below this (relative to the trace term) are rounding noise and dropped
 SQRTM_IMAG_TOLERANCE = 1e-3
+# neighbours of the improved precision/recall manifolds (the paper's k)
+PR_K = 3
 
 
 class GaussianStats(NamedTuple):
@@ -105,7 +107,7 @@ class PrecisionRecall(NamedTuple):
     recall: float  # share of real samples inside the generated manifold
 
 
-def precision_recall(real: np.ndarray, generated: np.ndarray, k: int = 3) -> PrecisionRecall:
+def precision_recall(real: np.ndarray, generated: np.ndarray, k: int = PR_K) -> PrecisionRecall:
     """Improved precision and recall with k-nearest-neighbour manifolds (k = 3 as in the paper).
 
     Raises:

@@ -4,6 +4,11 @@ A run folder written by ``fastguide train-classifier`` / ``train-diffusion`` (or
 ``config.json`` and weights, as the models shipped with fastguide are) holds everything needed: the
 ADM flags under ``"model"`` and the weights. Diffusion runs also carry EMA weights, which sampling
 uses by default.
+
+The embedded models (``fastguide/weights/<name>``, see each ``MODEL_CARD.md``) load by name with
+:func:`load_embedded`: ``uadm`` / ``cadm`` (unconditional / class-conditional UNets, learned sigma),
+``classifier_ce`` / ``classifier_ect`` (noise-aware classifiers, cross-entropy / ECT η = 0.2) and
+``eval`` (a clean-image classifier: class accuracy and the feature space of the sample metrics).
 """
 
 from __future__ import annotations
@@ -17,6 +22,36 @@ from torch import nn
 
 from .adm.checkpoint import load_state_dict
 from .adm.configs import ClassifierFlags, ModelFlags
+
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+EMBEDDED = ("uadm", "cadm", "classifier_ce", "classifier_ect", "eval")
+
+
+def embedded_dir(name: str) -> Path:
+    """The folder of the embedded model ``name`` (one of :data:`EMBEDDED`)."""
+    if name not in EMBEDDED:
+        raise ValueError(f"unknown embedded model {name!r}; expected one of {EMBEDDED}")
+    path = WEIGHTS_DIR / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the embedded model {name!r} is missing from {str(path)!r}; reinstall fastguide")
+    return path
+
+
+def load_embedded(name: str) -> nn.Module:
+    """The embedded model ``name`` with its weights, in eval mode (see :data:`EMBEDDED`)."""
+    return load_run(embedded_dir(name))
+
+
+def run_flags(path: str | os.PathLike) -> ClassifierFlags | ModelFlags:
+    """The ADM flags of a run folder (its architecture and, for UNets, its noise schedule)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {str(path)!r}")
+    config = json.loads(config_file.read_text())
+    if not isinstance(config.get("model"), dict):
+        raise ValueError(f"{str(config_file)!r} has no 'model' flags; it was not written by a fastguide training run")
+    return _flags(config["model"])
 
 
 def _flags(model: dict) -> ClassifierFlags | ModelFlags:
@@ -41,13 +76,8 @@ def load_run(path: str | os.PathLike, weights: str = "auto") -> nn.Module:
     path = Path(path)
     if weights not in ("auto", "ema", "model"):
         raise ValueError(f"weights must be 'auto', 'ema' or 'model', got {weights!r}")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in {str(path)!r}")
-    config = json.loads(config_file.read_text())
-    if not isinstance(config.get("model"), dict):
-        raise ValueError(f"{str(config_file)!r} has no 'model' flags; it was not written by a fastguide training run")
+    flags = run_flags(path)
     stem = "ema" if weights == "ema" or (weights == "auto" and (path / "ema.safetensors").is_file()) else "model"
-    model = _flags(config["model"]).build()
+    model = flags.build()
     model.load_state_dict(load_state_dict(path / f"{stem}.safetensors"), strict=True)
     return model.eval()

@@ -1,0 +1,238 @@
+"""``fastguide sample``, ``fastguide evaluate`` and ``fastguide reproduce``.
+
+Every argument is checked (and the output folder probed for writing) before a network is loaded;
+files appear only when the work that makes them has succeeded, each written under a temporary name
+and renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+from .guidance import POLICIES
+
+DEFAULT_OUT = "fastguide-out"
+DEFAULT_GAMMA = 2.0  # EDS γ of `fastguide sample` (see docs/results for the sweep it comes from)
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip() != ""]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def check_output_folder(out: str | os.PathLike) -> Path:
+    """``out`` as a Path, after proving a file can be created there (nothing is left behind).
+
+    Raises:
+        PermissionError: the folder (or the nearest existing parent) is not writable, or a parent is a file.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PermissionError(f"output folder {str(out)!r} exists and is not a folder")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PermissionError(f"output folder {str(out)!r} cannot be created: {str(probe)!r} is a file")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".fastguide-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise PermissionError(f"output folder {str(out)!r} is not writable ({err.strerror})") from None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ sample
+
+
+def add_sample_command(sub) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="Sample from the embedded models (EDS by default): PNG grid, ADM .npz, trace plot.",
+        description="Classifier-guided sampling. With no arguments: the embedded class-conditional UNet, the "
+        "ECT classifier, EDS, DDIM-25, 8 samples of each of the 10 digits.",
+    )
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
+    p.add_argument("--model", default="cond", help="cond | uncond (embedded UNets) or a run folder (default: cond)")
+    p.add_argument("--classifier", default="ect", help="ect | ce (embedded classifiers) or a run folder (default: ect)")
+    p.add_argument("--classes", default="all", help="comma-separated class ids, or 'all' (default: all)")
+    p.add_argument("--count", type=int, default=8, help="samples per class (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED + i (default: 0)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, one per sample (overrides --seed)")
+    p.add_argument("--policy", default="eds", choices=sorted(POLICIES), help="guidance policy (default: eds)")
+    p.add_argument("--scale", "--gamma", dest="scale", type=float, default=None,
+                   help=f"γ for eds (default {DEFAULT_GAMMA}), s for constant, C/c for the others")  # fmt: skip
+    p.add_argument("--threshold", type=float, default=None, help="gradient-norm policy: the norm bound M")
+    p.add_argument("--t_max", type=int, default=None, help="constant-range policy: last t that gets c")
+    p.add_argument("--method", default="ddim", choices=["ddim", "ddpm"], help="sampler (default: ddim)")
+    p.add_argument("--respacing", default=None, help="ADM timestep_respacing (default: ddim25 / 250)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
+    p.add_argument("--batch_size", type=int, default=100, help="samples per batch (default: 100)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="network precision (default: float32)")  # fmt: skip
+    p.add_argument("--grad_maps", type=int, default=0, metavar="M",
+                   help="also plot the guidance gradient maps of the first M samples (Fig. 4; default: 0 = off)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(_run=run_sample)
+
+
+def _sample_plan(args) -> dict:
+    """Everything ``sample`` will do, checked; raises ValueError naming the bad value."""
+    from .generate import CLASSIFIERS, MODELS, build_policy, run_dir
+    from .pretrained import run_flags
+
+    flags = run_flags(run_dir(args.model, MODELS, "model"))
+    if args.policy != "none":
+        run_dir(args.classifier, CLASSIFIERS, "classifier")
+    num_classes = flags.num_classes
+    if args.classes == "all":
+        classes = list(range(num_classes))
+    else:
+        classes = _int_list(args.classes, "--classes")
+        if not classes:
+            raise ValueError("--classes is empty")
+    for c in classes:
+        if not 0 <= c < num_classes:
+            raise ValueError(f"unknown class {c}: the model has classes 0..{num_classes - 1}")
+    if args.count < 1:
+        raise ValueError(f"--count must be a positive number of samples per class, got {args.count}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
+    if args.grad_maps < 0:
+        raise ValueError(f"--grad_maps must be >= 0, got {args.grad_maps}")
+    labels = [c for c in classes for _ in range(args.count)]
+    if args.seeds is not None:
+        seeds = _int_list(args.seeds, "--seeds")
+        if len(seeds) != len(labels):
+            raise ValueError(f"--seeds gives {len(seeds)} seeds for {len(labels)} samples "
+                             f"({len(classes)} classes x {args.count})")  # fmt: skip
+    else:
+        seeds = [args.seed + i for i in range(len(labels))]
+    for s in seeds:
+        if not 0 <= s < 2**63:
+            raise ValueError(f"seed {s} is not in [0, 2**63)")
+    strength = args.scale if args.scale is not None or args.policy != "eds" else DEFAULT_GAMMA
+    policy = build_policy(args.policy, strength, args.threshold, args.t_max)
+    flags.schedule(args.respacing if args.respacing else ("ddim25" if args.method == "ddim" else "250"))
+    return dict(labels=labels, seeds=seeds, policy=policy, classes=classes, num_classes=num_classes)
+
+
+def run_sample(args) -> None:
+    from .generate import generate, load_networks, make_sampler, resolve_device, save_npz
+    from .plots import save_grad_maps, save_grid, save_trace_plot
+    from .sampler import SamplerConfig
+
+    SamplerConfig(method=args.method, eta=args.eta)  # checks eta
+    plan = _sample_plan(args)
+    device = resolve_device(args.device)
+    out = check_output_folder(args.out)
+    start = time.perf_counter()
+    guided = args.policy != "none"
+    nets = load_networks(args.model, args.classifier if guided else None, device, args.dtype)
+    sampler = make_sampler(nets, plan["policy"], args.method, args.respacing, args.eta)
+    n_steps = sampler.schedule.num_steps
+    m = min(args.grad_maps, len(plan["labels"]))
+    map_steps = sorted({round(i * (n_steps - 1) / 5) for i in range(6)}) if m and guided else []
+    gen = generate(sampler, plan["labels"], plan["seeds"], args.batch_size, device, progress=not args.quiet,
+                   grad_map_steps=map_steps, grad_map_samples=m)  # fmt: skip
+    seconds = time.perf_counter() - start
+    what = (f"{args.model} UNet, {args.classifier} classifier, {plan['policy']!r}, {args.method} "
+            f"{n_steps} steps" if guided else f"{args.model} UNet, unguided, {args.method} {n_steps} steps")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    n, h, w, c = gen.images.shape
+    files = {"grid": out / "grid.png", "samples": out / f"samples_{n}x{h}x{w}x{c}.npz"}
+    save_npz(files["samples"], gen.images, gen.labels)
+    save_grid(files["grid"], gen.images, gen.labels)
+    if guided:
+        files["trace"] = out / "trace.png"
+        save_trace_plot(files["trace"], gen, what, plan["num_classes"])
+    if map_steps:
+        files["grad_maps"] = out / "grad_maps.png"
+        save_grad_maps(files["grad_maps"], gen, what)
+    summary = {
+        "what": what,
+        "samples": n,
+        "seconds": round(seconds, 2),
+        "device": str(device),
+        "dtype": args.dtype,
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "files": {k: v.name for k, v in files.items()},
+    }
+    if gen.entropy is not None:
+        summary["mean_entropy_first_last"] = [float(gen.entropy[0].mean()), float(gen.entropy[-1].mean())]
+        summary["mean_scale_first_last"] = [float(gen.scale[0].mean()), float(gen.scale[-1].mean())]
+    from .generate import atomic_write
+
+    files["run"] = out / "run.json"
+    atomic_write(files["run"], lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+    print(f"{n} samples ({what}) in {seconds:.1f} s")
+    for path in files.values():
+        print(f"  {path}")
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+
+def add_evaluate_command(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="FID, IS, precision/recall (k=3) and class accuracy of an ADM .npz of samples.",
+        description="Scores samples (ADM .npz: arr_0 uint8 NHWC, optional arr_1 labels) against the held-out "
+        "MNIST 5k split in the embedded evaluation network's feature space, or in Inception-v3's with --inception.",
+    )
+    p.add_argument("samples", help="ADM-format .npz of samples")
+    p.add_argument("--ref", default=None, help="reference .npz (arr_0) instead of the held-out MNIST 5k split")
+    p.add_argument("--inception", default=None,
+                   help="TorchScript Inception-v3 file (inception-2015-12-05.pt, StyleGAN2-ADA/EDM format) "
+                   "for ImageNet-comparable FID/IS/precision/recall")  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    p.set_defaults(_run=run_evaluate)
+
+
+def run_evaluate(args) -> None:
+    from .evaluation import Evaluator, load_npz, reference_images
+    from .generate import atomic_write, resolve_device
+
+    images, labels = load_npz(args.samples)
+    ref = reference_images(args.ref)
+    if args.json is not None:
+        check_output_folder(Path(args.json).parent)
+    scores = Evaluator(ref, args.inception, resolve_device(args.device))(images, labels)
+    for key, value in scores.as_dict().items():
+        print(f"{key:16s} {value:.4f}" if isinstance(value, float) else f"{key:16s} {value}")
+    if args.json is not None:
+        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(scores.as_dict(), indent=1) + "\n"))
+
+
+# --------------------------------------------------------------------------------------------- reproduce
+
+
+def add_reproduce_command(sub) -> None:
+    from .reproduce import add_arguments
+
+    p = sub.add_parser(
+        "reproduce",
+        help="The paper's ablations on MNIST 5k: policies x {CE, ECT} x {uncond, cond} x {DDIM-25, DDPM-250}.",
+        description="Sweeps every policy's strength, scores each run (FID, IS, precision, recall, class "
+        "accuracy), and writes results.md, results.csv and sweep plots.",
+    )
+    add_arguments(p)
+    p.set_defaults(_run=_run_reproduce)
+
+
+def _run_reproduce(args) -> None:
+    from .reproduce import run
+
+    run(args)
+

@@ -1,0 +1,242 @@
+"""Sampling runs as the command line does them: networks by name or path, a policy by name, batches.
+
+:func:`build_policy` turns ``(name, strength)`` into a guidance policy, :func:`load_networks` resolves
+the embedded models (or run folders), and :func:`generate` samples any number of images in batches,
+each sample from its own seed, and keeps the per-step trace of all of them. Writers for ADM's ``.npz``
+live here too; every file is written to a temporary name and renamed, so none is ever half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cpu import flush_denormals
+from .guidance import POLICIES, ConstantRange, GradientNorm, GuidancePolicy, classifier_gradient
+from .images import to_uint8
+from .sampler import GuidedSampler, SamplerConfig
+from .schedule import Schedule
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODELS = {"cond": "cadm", "uncond": "uadm"}
+CLASSIFIERS = {"ect": "classifier_ect", "ce": "classifier_ce"}
+DEFAULT_RESPACING = {"ddim": "ddim25", "ddpm": "250"}
+
+
+def build_policy(name: str, strength: float | None = None, threshold: float | None = None,
+                 t_max: int | None = None) -> GuidancePolicy:  # fmt: skip
+    """The policy ``name`` (a key of :data:`fastguide.POLICIES`) with strength γ / s / C.
+
+    ``strength`` is γ for ``eds``, the scale s for ``constant``, and c for ``constant-range``,
+    ``timestep-aware`` and ``gradient-norm``; ``threshold`` is gradient-norm's M, ``t_max`` the last
+    timestep that constant-range's c applies to. Unset values keep the policy's defaults.
+    """
+    if name not in POLICIES:
+        raise ValueError(f"unknown guidance policy {name!r}; expected one of {sorted(POLICIES)}")
+    cls = POLICIES[name]
+    kwargs = {}
+    if strength is not None and name != "none":
+        kwargs["gamma" if name == "eds" else "scale" if name == "constant" else "c"] = strength
+    if threshold is not None:
+        if cls is not GradientNorm:
+            raise ValueError(f"threshold applies to the gradient-norm policy only, not {name!r}")
+        kwargs["threshold"] = threshold
+    if t_max is not None:
+        if cls is not ConstantRange:
+            raise ValueError(f"t_max applies to the constant-range policy only, not {name!r}")
+        kwargs["t_max"] = t_max
+    return cls(**kwargs)
+
+
+class _Autocast(nn.Module):
+    """Runs ``net`` under autocast to ``dtype`` (bfloat16 uses AMX on recent CPUs) and returns float32.
+
+    The weights stay float32 and the sampler's arithmetic (update, entropy, scales) stays float32; only
+    the networks' matmuls and convolutions run in ``dtype``. Guidance gradients reach the float32 input.
+    """
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.net = net
+        self.dtype = dtype
+        for name in ("in_channels", "image_size", "num_classes", "out_channels"):
+            if hasattr(net, name):
+                setattr(self, name, getattr(net, name))
+
+    def forward(self, x, t, **kwargs):
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.net(x, t, **kwargs).float()
+
+
+def run_dir(spec: str, names: dict[str, str], what: str) -> Path:
+    """The folder of an embedded model (a key of ``names``) or of a run folder ``spec``."""
+    from .pretrained import embedded_dir
+
+    if spec in names:
+        return embedded_dir(names[spec])
+    if not (Path(spec) / "config.json").is_file():
+        raise ValueError(f"{what} {spec!r} is neither one of {sorted(names)} nor a run folder with a config.json")
+    return Path(spec)
+
+
+@dataclass
+class Networks:
+    """An eps-model, its schedule flags, and a classifier (None when unguided)."""
+
+    model: nn.Module
+    classifier: nn.Module | None
+    flags: object  # the UNet's ModelFlags (for its noise schedule)
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" → cuda when available, else cpu; anything else as torch.device, checked."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+    return dev
+
+
+def load_networks(model: str = "cond", classifier: str | None = "ect", device: str | torch.device = "cpu",
+                  dtype: str = "float32") -> Networks:  # fmt: skip
+    """The eps-model and classifier by name (``cond``/``uncond``, ``ect``/``ce``) or run folder."""
+    from .pretrained import run_flags
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    from .pretrained import load_run
+
+    unet_path = run_dir(model, MODELS, "model")
+    unet = load_run(unet_path)
+    clf = load_run(run_dir(classifier, CLASSIFIERS, "classifier")) if classifier is not None else None
+    nets = [unet.to(device)] + ([clf.to(device)] if clf is not None else [])
+    if dtype != "float32":
+        nets = [_Autocast(n, DTYPES[dtype]) for n in nets]
+    return Networks(nets[0], nets[1] if clf is not None else None, run_flags(unet_path))
+
+
+@dataclass
+class Generated:
+    """Samples of a run, in sample order, with per-step diagnostics of every sample."""
+
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int64
+    t: np.ndarray  # (S,) original timestep of each step
+    entropy: np.ndarray | None  # (S, N) H(p(y|x_t)) in nats
+    scale: np.ndarray | None  # (S, N) guidance scale
+    grad_norm: np.ndarray | None  # (S, N) ‖∇ log p(y|x_t)‖ before scaling
+    grad_maps: dict[int, np.ndarray]  # step → (M, C, H, W) s·∇ of the first M samples (if asked for)
+    x_maps: dict[int, np.ndarray]  # step → (M, C, H, W) x_t of the same samples
+
+
+def make_sampler(nets: Networks, policy: GuidancePolicy, method: str = "ddim", respacing: str | None = None,
+                 eta: float = 0.0) -> GuidedSampler:  # fmt: skip
+    respacing = DEFAULT_RESPACING[method] if respacing in (None, "") and method in DEFAULT_RESPACING else respacing
+    schedule: Schedule = nets.flags.schedule(respacing)
+    return GuidedSampler(nets.model, nets.classifier if policy.__class__.__name__ != "NoGuidance" else None,
+                         schedule, policy, SamplerConfig(method=method, eta=eta))  # fmt: skip
+
+
+def generate(
+    sampler: GuidedSampler,
+    labels: Sequence[int],
+    seeds: Sequence[int],
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+    grad_map_steps: Sequence[int] = (),
+    grad_map_samples: int = 0,
+    desc: str = "sampling",
+) -> Generated:
+    """Samples ``labels[i]`` from ``seeds[i]``, ``batch_size`` at a time (results do not depend on it).
+
+    With ``grad_map_steps``, the guidance ``s·∇`` and ``x_t`` of the first ``grad_map_samples`` samples at
+    those step indices are recomputed from the kept ``x_t`` (the same deterministic classifier call).
+    """
+    from tqdm.auto import tqdm
+
+    if len(labels) != len(seeds):
+        raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
+    n_steps = sampler.schedule.num_steps
+    bar = tqdm(total=len(labels) * n_steps, disable=not progress, desc=desc, unit="img-step", leave=False)
+    images, traces = [], []
+    kept: dict[int, list[torch.Tensor]] = {}
+    wanted = set(grad_map_steps)
+    for start in range(0, len(labels), batch_size):
+        lab, sd = list(labels[start : start + batch_size]), list(seeds[start : start + batch_size])
+        first = max(0, min(grad_map_samples - start, len(lab)))
+
+        def on_step(k, out, record, first=first, n=len(lab)):
+            if first and k + 1 in wanted:
+                kept.setdefault(k + 1, []).append(out.x_prev[:first].detach().clone())
+            bar.update(n)
+
+        if first and 0 in wanted:
+            from .noise import PerSampleNoise
+
+            kept.setdefault(0, []).append(PerSampleNoise(sd[:first], sampler.image_shape, device).initial())
+        with flush_denormals(device.type == "cpu"):
+            result = sampler.sample(lab, seeds=sd, device=device, callback=on_step)
+        images.append(to_uint8(result.images).cpu().numpy())
+        traces.append(result.trace)
+    bar.close()
+    grad_maps, x_maps = {}, {}
+    if kept and sampler.classifier is not None:
+        y = torch.as_tensor(list(labels[:grad_map_samples]), device=device)
+        for k, parts in sorted(kept.items()):
+            x = torch.cat(parts)
+            index = torch.full((len(x),), n_steps - 1 - k, device=device, dtype=torch.long)
+            out = classifier_gradient(sampler.classifier, x, sampler.schedule.model_timesteps(index), y)
+            s = torch.cat([tr.scale[k] for tr in traces])[: len(x)].to(device)
+            grad_maps[k] = (s[:, None, None, None] * out.grad).cpu().numpy()
+            x_maps[k] = x.cpu().numpy()
+
+    def stacked(name):
+        cols = [getattr(tr, name) for tr in traces]
+        return None if cols[0] is None else torch.cat(cols, dim=1).numpy()
+
+    return Generated(
+        images=np.concatenate(images),
+        labels=np.asarray(list(labels), dtype=np.int64),
+        t=traces[0].t.numpy(),
+        entropy=stacked("entropy"),
+        scale=stacked("scale"),
+        grad_norm=stacked("grad_norm"),
+        grad_maps=grad_maps,
+        x_maps=x_maps,
+    )
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, then rename it to ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None) -> None:
+    """ADM's sample file: ``arr_0`` uint8 NHWC images, ``arr_1`` labels (class-conditional runs)."""
+    arrays = [images] + ([labels] if labels is not None else [])
+
+    def write(tmp: Path):
+        with open(tmp, "wb") as f:
+            np.savez(f, *arrays)
+
+    atomic_write(path, write)

@@ -1,0 +1,131 @@
+"""Figures: sample grids (a row per class), the per-step trace of entropy / scale / gradient norm
+(the paper's Fig. 1 and 3), guidance-gradient maps (Fig. 4) and the ablation sweeps (supplement Fig. 1-2).
+
+Every figure is written through :func:`fastguide.generate.atomic_write`. matplotlib is imported
+lazily (Agg backend) so that the library itself does not need it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .generate import Generated, atomic_write
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("plots need matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    plt = _pyplot()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+    plt.close(fig)
+
+
+def grid_image(images: np.ndarray, labels: np.ndarray, scale: int = 2, pad: int = 2) -> np.ndarray:
+    """uint8 (rows·(H+pad)+pad, cols·(W+pad)+pad, C) grid: a row per class (ascending), samples in order."""
+    classes = sorted(set(labels.tolist()))
+    cols = max(int((labels == c).sum()) for c in classes)
+    n, h, w, c = images.shape
+    grid = np.full((len(classes) * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for r, cls in enumerate(classes):
+        for j, i in enumerate(np.flatnonzero(labels == cls)):
+            y0, x0 = pad + r * (h + pad), pad + j * (w + pad)
+            grid[y0 : y0 + h, x0 : x0 + w] = images[i]
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def save_grid(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray, scale: int = 2) -> None:
+    """PNG of :func:`grid_image`."""
+    from PIL import Image
+
+    grid = grid_image(images, labels, scale)
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def _band(ax, t: np.ndarray, values: np.ndarray, label: str, color: str) -> None:
+    lo, mid, hi = np.percentile(values, [10, 50, 90], axis=1)
+    ax.plot(t, mid, color=color, label=f"{label} (median)")
+    ax.fill_between(t, lo, hi, color=color, alpha=0.25, label="10-90%")
+
+
+def save_trace_plot(path: str | os.PathLike, gen: Generated, title: str, num_classes: int) -> None:
+    """Entropy H(p(y|x_t)), scale s and ‖∇‖ / ‖s·∇‖ against t over all samples (median and 10–90%)."""
+    if gen.entropy is None:
+        raise ValueError("the run was unguided: there is no entropy, scale or gradient trace to plot")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    t = gen.t
+    _band(axes[0], t, gen.entropy, "H(p(y|x_t))", "tab:blue")
+    axes[0].axhline(np.log(num_classes), color="gray", ls="--", lw=1, label="log K (uniform)")
+    axes[0].set_ylabel("entropy [nats]")
+    _band(axes[1], t, gen.scale, "scale s", "tab:orange")
+    axes[1].set_ylabel("guidance scale")
+    _band(axes[2], t, gen.grad_norm, "‖∇ log p(y|x_t)‖", "tab:green")
+    _band(axes[2], t, gen.grad_norm * np.abs(gen.scale), "‖s·∇‖", "tab:red")
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("gradient norm")
+    for ax in axes:
+        ax.set_xlabel("t")
+        ax.set_xlim(t.max(), t.min())  # sampling runs from t = T down to 0
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def save_grad_maps(path: str | os.PathLike, gen: Generated, title: str) -> None:
+    """Fig. 4-style: per sample, x_t (top) and the guidance s·∇ (bottom) at each kept step."""
+    if not gen.grad_maps:
+        raise ValueError("no gradient maps were kept (an unguided run, or no steps asked for)")
+    plt = _pyplot()
+    steps = sorted(gen.grad_maps)
+    m = gen.grad_maps[steps[0]].shape[0]
+    fig, axes = plt.subplots(2 * m, len(steps), figsize=(1.5 * len(steps), 3 * m), squeeze=False)
+    for j, k in enumerate(steps):
+        for i in range(m):
+            x, g = gen.x_maps[k][i].mean(axis=0), gen.grad_maps[k][i].mean(axis=0)
+            lim = float(np.abs(g).max()) or 1.0
+            axes[2 * i, j].imshow(x, cmap="gray")
+            axes[2 * i + 1, j].imshow(g, cmap="coolwarm", vmin=-lim, vmax=lim)
+            if i == 0:
+                axes[0, j].set_title(f"t={int(gen.t[k])}", fontsize=8)
+            if j == 0:
+                axes[2 * i, 0].set_ylabel(f"x_t (y={int(gen.labels[i])})", fontsize=7)
+                axes[2 * i + 1, 0].set_ylabel("s·∇", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def save_sweep_plot(path: str | os.PathLike, rows: Sequence[dict], metric_names: Sequence[str], title: str) -> None:
+    """One panel per metric: the metric against each policy's swept strength, a line per policy."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metric_names), figsize=(4.2 * len(metric_names), 3.4), squeeze=False)
+    policies = sorted({r["policy"] for r in rows})
+    for ax, metric in zip(axes[0], metric_names):
+        for policy in policies:
+            pts = sorted((r["strength"], r[metric]) for r in rows if r["policy"] == policy and r[metric] != "")
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+        ax.set_xscale("log")
+        ax.set_xlabel("strength (γ, s or C)")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    _save(fig, Path(path))

@@ -1,0 +1,175 @@
+"""The ``fastguide`` command line end to end, on tiny settings, with the embedded models."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastguide.cli import main
+from fastguide.generate import generate, load_networks, make_sampler
+from fastguide.guidance import EntropyDriven
+from fastguide.plots import grid_image
+
+TINY = ["--classes", "0,7", "--count", "2", "--respacing", "ddim4", "--quiet"]
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.rglob("*")) if folder.exists() else []
+
+
+def test_sample_writes_grid_npz_trace_and_gradient_maps(tmp_path):
+    out = tmp_path / "out"
+    assert main(["sample", "--out", str(out), *TINY, "--grad_maps", "2"]) == 0
+    assert _files(out) == ["grad_maps.png", "grid.png", "run.json", "samples_4x32x32x1.npz", "trace.png"]
+    with np.load(out / "samples_4x32x32x1.npz", allow_pickle=False) as data:
+        assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (4, 32, 32, 1)
+        assert data["arr_1"].tolist() == [0, 0, 7, 7]
+        images, labels = data["arr_0"], data["arr_1"]
+    with Image.open(out / "grid.png") as grid:
+        grid.load()
+        assert grid.size == (2 * (2 * 34 + 2), 2 * (2 * 34 + 2))  # 2 rows (classes) x 2 columns, 2x upscaled
+        assert np.array_equal(np.asarray(grid), grid_image(images, labels)[..., 0])
+    for name in ("trace.png", "grad_maps.png"):
+        with Image.open(out / name) as im:
+            im.load()
+            assert im.size[0] > 200 and im.size[1] > 100
+    run = json.loads((out / "run.json").read_text())
+    assert run["samples"] == 4 and run["files"]["samples"] == "samples_4x32x32x1.npz"
+
+
+def test_sample_is_the_library_sampler_with_the_same_seeds(tmp_path):
+    out = tmp_path / "o"
+    assert main(["sample", "--out", str(out), *TINY, "--seed", "5", "--batch_size", "3", "--scale", "1.5"]) == 0
+    with np.load(out / "samples_4x32x32x1.npz") as data:
+        cli_images = data["arr_0"]
+    nets = load_networks("cond", "ect", torch.device("cpu"))
+    sampler = make_sampler(nets, EntropyDriven(gamma=1.5), "ddim", "ddim4")
+    gen = generate(sampler, [0, 0, 7, 7], [5, 6, 7, 8], batch_size=4, device=torch.device("cpu"), progress=False)
+    assert np.array_equal(gen.images, cli_images)  # batch size does not change any sample
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--classes", "3,12"], "unknown class 12"),
+        (["--classes", "x"], "--classes must be comma-separated integers"),
+        (["--count", "-1"], "--count must be a positive number"),
+        (["--count", "0"], "--count must be a positive number"),
+        (["--seeds", "1,2"], "--seeds gives 2 seeds for 4 samples"),
+        (["--respacing", "ddim7000"], "7000"),
+        (["--eta", "2"], "eta must be in [0, 1]"),
+        (["--scale", "nan"], "gamma"),
+        (["--model", "nowhere"], "'nowhere' is neither"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+        (["--threshold", "1"], "threshold applies to the gradient-norm policy only"),
+    ],
+)
+def test_bad_sample_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    base = ["sample", "--out", str(out), *TINY]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastguide sample: error: ") and message in err and err.count("\n") == 1
+    assert not out.exists() and _files(tmp_path) == []
+
+
+def test_unwritable_output_folder_is_one_line_and_writes_nothing(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["sample", "--out", str(blocker / "sub"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "fastguide sample: error: output folder" in err and err.count("\n") == 1
+    assert _files(tmp_path) == ["file"]
+    if os.geteuid() != 0:  # root writes into read-only folders; the file-as-parent case above covers root
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        assert main(["sample", "--out", str(ro / "x"), *TINY]) == 2
+        assert "not writable" in capsys.readouterr().err and _files(ro) == []
+
+
+def test_argparse_errors_exit_2_with_usage(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--policy", "bogus", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+    assert _files(tmp_path) == []
+
+
+def test_evaluate_scores_a_written_npz_and_writes_json(tmp_path, capsys):
+    from fastguide.train.data import mnist5k
+
+    train = mnist5k("train")
+    pick = np.concatenate([np.flatnonzero(train.labels.numpy() == c)[:20] for c in range(10)])
+    images = train.pixels[pick].permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / "real.npz", images, train.labels[pick].numpy())
+    assert main(["evaluate", str(tmp_path / "real.npz"), "--json", str(tmp_path / "s.json")]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["class_accuracy"] >= 0.98 and scores["num_samples"] == 200 and scores["num_reference"] == 500
+    assert scores["inception_score"] > 8  # confident and balanced over the 10 digits
+    blank = np.zeros_like(images)
+    np.savez(tmp_path / "blank.npz", blank, train.labels[pick].numpy())
+    assert main(["evaluate", str(tmp_path / "blank.npz"), "--json", str(tmp_path / "b.json")]) == 0
+    bad = json.loads((tmp_path / "b.json").read_text())
+    assert bad["fid"] > 10 * scores["fid"] and bad["precision"] == 0.0 and bad["class_accuracy"] <= 0.2
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.write_text("junk"), "is not a readable .npz"),
+        (lambda p: np.savez(p, np.zeros((5, 32, 32, 1), np.float32)), "must be uint8"),
+        (lambda p: np.savez(p, np.zeros((5, 28, 28, 1), np.uint8)), "28x28"),
+        (lambda p: np.savez(p, np.zeros((3, 32, 32, 1), np.uint8)), "need more than 3 samples"),
+        (lambda p: np.savez(p, np.zeros((5, 32, 32, 1), np.uint8), np.arange(4)), "arr_1 must be (N,)"),
+        (lambda p: np.savez(p, np.zeros((5, 32, 32, 1), np.uint8), np.arange(5) + 8), "label 10 is outside"),
+        (lambda p: np.savez(p, x=np.zeros((5, 32, 32, 1), np.uint8)), "has no arr_0"),
+    ],
+)
+def test_bad_evaluate_input_is_one_line(tmp_path, capsys, make, message):
+    path = tmp_path / "s.npz"
+    make(path)
+    assert main(["evaluate", str(path), "--json", str(tmp_path / "out.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastguide evaluate: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_evaluate_with_a_torchscript_inception_file(tmp_path):
+    """The --inception path: any TorchScript module with the StyleGAN2-ADA/EDM detector's signature."""
+
+    class FakeDetector(torch.nn.Module):
+        def forward(self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False):
+            assert img.dtype == torch.uint8 and img.shape[1] == 3
+            x = img.float().mean(dim=1).flatten(1)[:, ::16]  # (N, 64) "pool features"
+            if return_features:
+                return x
+            return torch.softmax(x[:, :8] / 64, dim=1)
+
+    net = torch.jit.script(FakeDetector())
+    net.save(str(tmp_path / "inception.pt"))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(40, 32, 32, 1), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", images, np.arange(40) % 10)
+    np.savez(tmp_path / "ref.npz", images)
+    args = ["evaluate", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception",
+            str(tmp_path / "inception.pt"), "--json", str(tmp_path / "j.json")]  # fmt: skip
+    assert main(args) == 0
+    scores = json.loads((tmp_path / "j.json").read_text())
+    assert scores["feature_space"] == "inception" and scores["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert scores["precision"] == 1.0 and scores["recall"] == 1.0
+    (tmp_path / "junk.pt").write_text("no")
+    assert main(args[:5] + [str(tmp_path / "junk.pt")]) == 2
+
+
+def test_python_dash_m_and_console_script_agree(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "fastguide", "sample", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--grad_maps" in out.stdout and "--policy" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "fastguide", "sample", "--count", "-3", "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--count" in bad.stderr
+    assert _files(tmp_path) == []
