@@ -23,5 +23,7 @@ def test_ci_runs_the_readme_commands():
     assert len(commands) == 2
     ci = (ROOT / ".ci" / "run").read_text()
     assert "torch==2.13.0" in commands[0] and "--no-build-isolation" in commands[0]
+    assert commands[0].endswith("&& fastguide sample")  # the quickstart samples right after installing
     assert "torch==2.13.0" in ci and "--no-build-isolation -e \".[test]\"" in ci
+    assert "\nfastguide sample\n" in ci  # CI runs the quickstart's sampling as written
     assert commands[1].strip() in ci

@@ -1,0 +1,64 @@
+"""``fastguide reproduce`` on a tiny grid: files, table, resume, bad input."""
+
+import csv
+
+import pytest
+
+from fastguide.cli import main
+from fastguide.reproduce import QUICK_SWEEPS, SWEEPS, best_rows, plan
+
+TINY = ["--quick", "--num_samples", "12", "--models", "cond", "--classifiers", "ect", "--ddim_respacing", "ddim2",
+        "--ddpm_respacing", "2", "--quiet"]  # fmt: skip
+
+
+def test_plan_covers_the_papers_grid():
+    runs = plan()
+    per_setting = 1 + 2 * sum(len(v) for v in SWEEPS.values())  # baseline + both classifiers x every strength
+    assert len(runs) == 2 * 2 * per_setting
+    assert {r.policy for r in runs} == {"none", "constant", "constant-range", "timestep-aware", "gradient-norm", "eds"}
+    assert all(len(v) >= 3 for v in SWEEPS.values())  # every policy is swept
+    assert all(QUICK_SWEEPS[p] == (SWEEPS[p][1],) for p in SWEEPS)
+
+
+def test_tiny_reproduce_writes_csv_table_and_plots_and_resumes(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["reproduce", "--out", str(out), *TINY]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 * (1 + 5)  # ddim and ddpm: baseline + 5 policies at one strength
+    assert {r["sampler"] for r in rows} == {"ddim-2", "ddpm-2"}
+    for r in rows:
+        assert r["num_samples"] == "12" and 0 <= float(r["class_accuracy"]) <= 1 and float(r["fid"]) >= 0
+    table = (out / "results.md").read_text()
+    assert "fastguide reproduce" in table and table.count("| cond | ddim-2 |") == 6
+    assert sorted(p.name for p in out.glob("sweep_*.png")) == ["sweep_cond_ddim-2_ect.png", "sweep_cond_ddpm-2_ect.png"]
+    capsys.readouterr()
+    assert main(["reproduce", "--out", str(out), *TINY, "--resume"]) == 0
+    assert "12 runs (12 already done)" in capsys.readouterr().out
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == 12
+
+
+def test_best_rows_pick_the_lowest_fid_per_policy():
+    rows = [
+        dict(model="cond", sampler="ddim-25", classifier="ect", policy="eds", strength="1", fid="0.5"),
+        dict(model="cond", sampler="ddim-25", classifier="ect", policy="eds", strength="3", fid="0.2"),
+        dict(model="cond", sampler="ddim-25", classifier="ect", policy="eds", strength="9", fid=""),  # diverged
+        dict(model="cond", sampler="ddim-25", classifier="ect", policy="constant", strength="3", fid="0.4"),
+    ]
+    best = best_rows(rows)
+    assert [(r["policy"], r["strength"]) for r in best] == [("constant", "3"), ("eds", "3")]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--models", "big"], "unknown model 'big'"),
+        (["--samplers", "euler"], "unknown sampler 'euler'"),
+        (["--num_samples", "5"], "--num_samples must be at least 10"),
+        (["--ddim_respacing", "ddim5000"], "5000"),
+    ],
+)
+def test_bad_reproduce_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    assert main(["reproduce", "--out", str(tmp_path / "r"), "--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastguide reproduce: error: ") and message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
