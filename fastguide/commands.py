@@ -18,6 +18,7 @@ from pathlib import Path
 from .guidance import POLICIES
 
 DEFAULT_OUT = "fastguide-out"
+GRAD_MAP_STEPS = 8  # maps at equal intervals over the chain, as the paper's Fig. 4
 DEFAULT_GAMMA = 2.0  # EDS γ of `fastguide sample` (see docs/results for the sweep it comes from)
 
 
@@ -81,7 +82,8 @@ def add_sample_command(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="network precision (default: float32)")  # fmt: skip
     p.add_argument("--grad_maps", type=int, default=0, metavar="M",
-                   help="also plot the guidance gradient maps of the first M samples (Fig. 4; default: 0 = off)")  # fmt: skip
+                   help="also plot |s·∇| of the first M samples at 8 steps, this policy against ADM's constant "
+                   "scale 1 on the same seeds (Fig. 4; default: 0 = off)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(_run=run_sample)
 
@@ -128,7 +130,7 @@ def _sample_plan(args) -> dict:
 
 
 def run_sample(args) -> None:
-    from .generate import generate, load_networks, make_sampler, resolve_device, save_npz
+    from .generate import build_policy, generate, load_networks, make_sampler, resolve_device, save_npz
     from .plots import save_grad_maps, save_grid, save_trace_plot
     from .sampler import SamplerConfig
 
@@ -142,9 +144,15 @@ def run_sample(args) -> None:
     sampler = make_sampler(nets, plan["policy"], args.method, args.respacing, args.eta)
     n_steps = sampler.schedule.num_steps
     m = min(args.grad_maps, len(plan["labels"]))
-    map_steps = sorted({round(i * (n_steps - 1) / 5) for i in range(6)}) if m and guided else []
+    map_steps = sorted({round(i * (n_steps - 1) / (GRAD_MAP_STEPS - 1)) for i in range(GRAD_MAP_STEPS)})
+    map_steps = map_steps if m and guided else []
     gen = generate(sampler, plan["labels"], plan["seeds"], args.batch_size, device, progress=not args.quiet,
                    grad_map_steps=map_steps, grad_map_samples=m)  # fmt: skip
+    baseline = None
+    if map_steps:  # Fig. 4 compares with ADM's constant scale 1 on the same seeds
+        base_sampler = make_sampler(nets, build_policy("constant", 1.0), args.method, args.respacing, args.eta)
+        baseline = generate(base_sampler, plan["labels"][:m], plan["seeds"][:m], args.batch_size, device,
+                            progress=False, grad_map_steps=map_steps, grad_map_samples=m)  # fmt: skip
     seconds = time.perf_counter() - start
     what = (f"{args.model} UNet, {args.classifier} classifier, {plan['policy']!r}, {args.method} "
             f"{n_steps} steps" if guided else f"{args.model} UNet, unguided, {args.method} {n_steps} steps")  # fmt: skip
@@ -158,7 +166,7 @@ def run_sample(args) -> None:
         save_trace_plot(files["trace"], gen, what, plan["num_classes"])
     if map_steps:
         files["grad_maps"] = out / "grad_maps.png"
-        save_grad_maps(files["grad_maps"], gen, what)
+        save_grad_maps(files["grad_maps"], gen, what, baseline, "constant s=1 (ADM)")
     summary = {
         "what": what,
         "samples": n,

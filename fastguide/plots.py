@@ -86,29 +86,36 @@ def save_trace_plot(path: str | os.PathLike, gen: Generated, title: str, num_cla
     _save(fig, path)
 
 
-def save_grad_maps(path: str | os.PathLike, gen: Generated, title: str) -> None:
-    """Fig. 4-style: per sample, x_t (top) and the guidance s·∇ (bottom) at each kept step."""
+def save_grad_maps(path: str | os.PathLike, gen: Generated, title: str, baseline: Generated | None = None,
+                   baseline_name: str = "baseline") -> None:  # fmt: skip
+    """Fig. 4-style gradient maps: per sample, x_t, then |s·∇| of ``baseline`` (same seeds), then |s·∇| of ``gen``.
+
+    A sample's maps share one colour scale, so guidance that vanishes in one run shows as a dark row.
+    """
     if not gen.grad_maps:
         raise ValueError("no gradient maps were kept (an unguided run, or no steps asked for)")
     plt = _pyplot()
     steps = sorted(gen.grad_maps)
     m = gen.grad_maps[steps[0]].shape[0]
-    fig, axes = plt.subplots(2 * m, len(steps), figsize=(1.5 * len(steps), 3 * m), squeeze=False)
-    for j, k in enumerate(steps):
-        for i in range(m):
-            x, g = gen.x_maps[k][i].mean(axis=0), gen.grad_maps[k][i].mean(axis=0)
-            lim = float(np.abs(g).max()) or 1.0
-            axes[2 * i, j].imshow(x, cmap="gray")
-            axes[2 * i + 1, j].imshow(g, cmap="coolwarm", vmin=-lim, vmax=lim)
+    runs = ([(baseline_name, baseline)] if baseline is not None else []) + [("this run", gen)]
+    rows = 1 + len(runs)
+    fig, axes = plt.subplots(rows * m, len(steps), figsize=(1.3 * len(steps), 1.4 * rows * m), squeeze=False)
+    for i in range(m):
+        maps = {name: [np.abs(g.grad_maps[k][i]).sum(axis=0) for k in steps] for name, g in runs}
+        top = max(float(a.max()) for arrays in maps.values() for a in arrays) or 1.0
+        for j, k in enumerate(steps):
+            axes[rows * i, j].imshow(gen.x_maps[k][i].mean(axis=0), cmap="gray")
+            for r, (name, _) in enumerate(runs, start=1):
+                axes[rows * i + r, j].imshow(maps[name][j], cmap="inferno", vmin=0, vmax=top)
             if i == 0:
                 axes[0, j].set_title(f"t={int(gen.t[k])}", fontsize=8)
-            if j == 0:
-                axes[2 * i, 0].set_ylabel(f"x_t (y={int(gen.labels[i])})", fontsize=7)
-                axes[2 * i + 1, 0].set_ylabel("s·∇", fontsize=7)
+        axes[rows * i, 0].set_ylabel(f"x_t, y={int(gen.labels[i])}", fontsize=7)
+        for r, (name, _) in enumerate(runs, start=1):
+            axes[rows * i + r, 0].set_ylabel(f"|s·∇| {name}", fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=9)
     _save(fig, path)
 
 

@@ -1,0 +1,26 @@
+"""`fastguide sample` with no arguments (the README's quickstart) must finish in < 60 s on 2 CPU cores.
+
+Times the whole command in a fresh process (imports, loading the embedded models, 80 samples with
+EDS over 25 DDIM steps, writing the grid, the npz and the plots), the way a user runs it.
+"""
+
+import shutil
+import subprocess
+import sys
+import time
+
+TARGET_S = 60.0
+
+
+def test_default_sample_command(tagged_benchmark, tmp_path):
+    out = tmp_path / "out"
+
+    def run():
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "fastguide", "sample", "--out", str(out), "--quiet"], check=True)
+        return time.perf_counter() - start
+
+    seconds = tagged_benchmark.pedantic(run, rounds=2, iterations=1)
+    assert (out / "samples_80x32x32x1.npz").is_file()
+    assert tagged_benchmark.stats.stats.max < TARGET_S, f"default sample took {seconds:.1f} s"
