@@ -66,7 +66,7 @@ setup(
     packages=["fastguide", "fastguide.adm", "fastguide.kernels", "fastguide.train"],
     package_dir={"fastguide": "fastguide", "fastguide.kernels": "kernels"},
     package_data={"fastguide": ["weights/*/*"]},  # the small models shipped with fastguide
-    install_requires=["torch>=2.1", "numpy", "safetensors", "tqdm", "pillow", "mlxtend"],
+    install_requires=["torch>=2.1", "numpy", "safetensors", "tqdm", "pillow", "mlxtend", "scipy", "matplotlib"],
     entry_points={"console_scripts": ["fastguide=fastguide.cli:main"]},
     extras_require={"test": ["pytest", "pytest-benchmark", "triton; platform_system == \"Linux\""]},
     license="MIT",

@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 
 _COMMENT = re.compile(r"^\s+(\w+):[^#]*#\s*(.+)$")
@@ -78,11 +79,18 @@ def _train_command(sub, name: str, config_cls, help_text: str):
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments end with one line, ``PROG: error: ...``, and exit status 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .commands import add_evaluate_command, add_reproduce_command, add_sample_command
     from .train.tasks import ClassifierTrainConfig, DiffusionTrainConfig
 
-    parser = argparse.ArgumentParser(prog="fastguide", description="Classifier-guided diffusion with EDS and ECT.")
+    parser = _Parser(prog="fastguide", description="Classifier-guided diffusion with EDS and ECT.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_sample_command(sub)
     add_evaluate_command(sub)
@@ -114,10 +122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"fastguide {args.command}: warning: {message}\n"
     try:
         args._run(args)
     except (ValueError, FileNotFoundError, PermissionError, FloatingPointError, ModuleNotFoundError) as err:
         message = " ".join(str(err).split())
         print(f"fastguide {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = previous_format
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 from .guidance import POLICIES
 
 DEFAULT_OUT = "fastguide-out"
+MAX_GRAD_MAPS = 16  # samples in the gradient-map figure (its height grows with them)
 GRAD_MAP_STEPS = 8  # maps at equal intervals over the chain, as the paper's Fig. 4
 DEFAULT_GAMMA = 2.0  # EDS γ of `fastguide sample` (see docs/results for the sweep it comes from)
 
@@ -90,13 +92,26 @@ def add_sample_command(sub) -> None:
 
 def _sample_plan(args) -> dict:
     """Everything ``sample`` will do, checked; raises ValueError naming the bad value."""
+    from .adm.configs import ClassifierFlags, ModelFlags
     from .generate import CLASSIFIERS, MODELS, build_policy, run_dir
     from .pretrained import run_flags
 
-    flags = run_flags(run_dir(args.model, MODELS, "model"))
-    if args.policy != "none":
-        run_dir(args.classifier, CLASSIFIERS, "classifier")
+    flags = run_flags(run_dir(args.model, MODELS, "--model"))
+    if not isinstance(flags, ModelFlags):
+        raise ValueError(f"--model {args.model!r} is a classifier run, not a diffusion UNet")
+    guided = args.policy != "none"
     num_classes = flags.num_classes
+    if guided:
+        clf_flags = run_flags(run_dir(args.classifier, CLASSIFIERS, "--classifier"))
+        if not isinstance(clf_flags, ClassifierFlags):
+            raise ValueError(f"--classifier {args.classifier!r} is a diffusion run, not a classifier")
+        num_classes = clf_flags.num_classes if not flags.class_cond else min(num_classes, clf_flags.num_classes)
+    else:
+        for name, value, default in (("--scale", args.scale, None), ("--grad_maps", args.grad_maps, 0)):
+            if value != default:
+                raise ValueError(f"{name} {value} has no effect with --policy none")
+    if args.method == "ddpm" and args.eta != 0:
+        raise ValueError(f"--eta {args.eta} applies to DDIM only; DDPM is ancestral sampling")
     if args.classes == "all":
         classes = list(range(num_classes))
     else:
@@ -105,13 +120,13 @@ def _sample_plan(args) -> dict:
             raise ValueError("--classes is empty")
     for c in classes:
         if not 0 <= c < num_classes:
-            raise ValueError(f"unknown class {c}: the model has classes 0..{num_classes - 1}")
+            raise ValueError(f"unknown class {c}: the models have classes 0..{num_classes - 1}")
     if args.count < 1:
         raise ValueError(f"--count must be a positive number of samples per class, got {args.count}")
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
-    if args.grad_maps < 0:
-        raise ValueError(f"--grad_maps must be >= 0, got {args.grad_maps}")
+    if not 0 <= args.grad_maps <= MAX_GRAD_MAPS:
+        raise ValueError(f"--grad_maps must be between 0 and {MAX_GRAD_MAPS} samples, got {args.grad_maps}")
     labels = [c for c in classes for _ in range(args.count)]
     if args.seeds is not None:
         seeds = _int_list(args.seeds, "--seeds")
@@ -129,63 +144,91 @@ def _sample_plan(args) -> dict:
     return dict(labels=labels, seeds=seeds, policy=policy, classes=classes, num_classes=num_classes)
 
 
+class Staging:
+    """Files are made in a hidden temporary folder and moved into ``out`` only when all of them exist.
+
+    On any error the temporary folder is removed and ``out`` is left as it was.
+    """
+
+    def __init__(self, out: Path):
+        self.out = out
+        parent = out
+        while not parent.exists():
+            parent = parent.parent
+        self.tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".fastguide-staging-"))
+
+    def path(self, name: str) -> Path:
+        return self.tmp / name
+
+    def __enter__(self) -> "Staging":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        try:
+            if kind is None:
+                self.out.mkdir(parents=True, exist_ok=True)
+                for f in sorted(self.tmp.iterdir()):
+                    os.replace(f, self.out / f.name)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def run_sample(args) -> None:
     from .generate import build_policy, generate, load_networks, make_sampler, resolve_device, save_npz
-    from .plots import save_grad_maps, save_grid, save_trace_plot
+    from .plots import _pyplot, save_grad_maps, save_grid, save_trace_plot
     from .sampler import SamplerConfig
 
     SamplerConfig(method=args.method, eta=args.eta)  # checks eta
     plan = _sample_plan(args)
     device = resolve_device(args.device)
     out = check_output_folder(args.out)
+    _pyplot()  # the plots' dependency, before any work
     start = time.perf_counter()
     guided = args.policy != "none"
     nets = load_networks(args.model, args.classifier if guided else None, device, args.dtype)
     sampler = make_sampler(nets, plan["policy"], args.method, args.respacing, args.eta)
     n_steps = sampler.schedule.num_steps
     m = min(args.grad_maps, len(plan["labels"]))
-    map_steps = sorted({round(i * (n_steps - 1) / (GRAD_MAP_STEPS - 1)) for i in range(GRAD_MAP_STEPS)})
-    map_steps = map_steps if m and guided else []
+    map_steps = sorted({round(i * (n_steps - 1) / (GRAD_MAP_STEPS - 1)) for i in range(GRAD_MAP_STEPS)}) if m else []
     gen = generate(sampler, plan["labels"], plan["seeds"], args.batch_size, device, progress=not args.quiet,
                    grad_map_steps=map_steps, grad_map_samples=m)  # fmt: skip
+    seconds = time.perf_counter() - start
     baseline = None
     if map_steps:  # Fig. 4 compares with ADM's constant scale 1 on the same seeds
         base_sampler = make_sampler(nets, build_policy("constant", 1.0), args.method, args.respacing, args.eta)
         baseline = generate(base_sampler, plan["labels"][:m], plan["seeds"][:m], args.batch_size, device,
                             progress=False, grad_map_steps=map_steps, grad_map_samples=m)  # fmt: skip
-    seconds = time.perf_counter() - start
     what = (f"{args.model} UNet, {args.classifier} classifier, {plan['policy']!r}, {args.method} "
             f"{n_steps} steps" if guided else f"{args.model} UNet, unguided, {args.method} {n_steps} steps")  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
     n, h, w, c = gen.images.shape
-    files = {"grid": out / "grid.png", "samples": out / f"samples_{n}x{h}x{w}x{c}.npz"}
-    save_npz(files["samples"], gen.images, gen.labels)
-    save_grid(files["grid"], gen.images, gen.labels)
+    names = {"grid": "grid.png", "samples": f"samples_{n}x{h}x{w}x{c}.npz", "run": "run.json"}
     if guided:
-        files["trace"] = out / "trace.png"
-        save_trace_plot(files["trace"], gen, what, plan["num_classes"])
+        names["trace"] = "trace.png"
     if map_steps:
-        files["grad_maps"] = out / "grad_maps.png"
-        save_grad_maps(files["grad_maps"], gen, what, baseline, "constant s=1 (ADM)")
+        names["grad_maps"] = "grad_maps.png"
     summary = {
         "what": what,
         "samples": n,
-        "seconds": round(seconds, 2),
+        "sampling_seconds": round(seconds, 2),
         "device": str(device),
         "dtype": args.dtype,
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "files": {k: v.name for k, v in files.items()},
+        "files": names,
     }
     if gen.entropy is not None:
         summary["mean_entropy_first_last"] = [float(gen.entropy[0].mean()), float(gen.entropy[-1].mean())]
         summary["mean_scale_first_last"] = [float(gen.scale[0].mean()), float(gen.scale[-1].mean())]
-    from .generate import atomic_write
-
-    files["run"] = out / "run.json"
-    atomic_write(files["run"], lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+    with Staging(out) as stage:
+        save_npz(stage.path(names["samples"]), gen.images, gen.labels)
+        save_grid(stage.path(names["grid"]), gen.images, gen.labels)
+        if guided:
+            save_trace_plot(stage.path(names["trace"]), gen, what, plan["num_classes"])
+        if map_steps:
+            save_grad_maps(stage.path(names["grad_maps"]), gen, what, baseline, "constant s=1 (ADM)")
+        stage.path(names["run"]).write_text(json.dumps(summary, indent=1) + "\n")
     print(f"{n} samples ({what}) in {seconds:.1f} s")
-    for path in files.values():
-        print(f"  {path}")
+    for name in names.values():
+        print(f"  {out / name}")
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -209,17 +252,24 @@ def add_evaluate_command(sub) -> None:
 
 
 def run_evaluate(args) -> None:
-    from .evaluation import Evaluator, load_npz, reference_images
+    from .evaluation import Evaluator, check_samples, load_npz, reference_images
     from .generate import atomic_write, resolve_device
 
     images, labels = load_npz(args.samples)
+    check_samples(images, labels)
     ref = reference_images(args.ref)
+    device = resolve_device(args.device)
     if args.json is not None:
+        if Path(args.json).is_dir():
+            raise ValueError(f"--json {args.json!r} is a folder; give a file name")
         check_output_folder(Path(args.json).parent)
-    scores = Evaluator(ref, args.inception, resolve_device(args.device))(images, labels)
+    evaluator = Evaluator(ref, args.inception, device)
+    evaluator.check(images, labels)
+    scores = evaluator(images, labels)
     for key, value in scores.as_dict().items():
         print(f"{key:16s} {value:.4f}" if isinstance(value, float) else f"{key:16s} {value}")
     if args.json is not None:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(scores.as_dict(), indent=1) + "\n"))
 
 

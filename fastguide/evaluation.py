@@ -56,6 +56,12 @@ def load_npz(path: str | os.PathLike, what: str = "samples") -> tuple[np.ndarray
     return images, labels
 
 
+def check_samples(images: np.ndarray, labels: np.ndarray | None) -> None:
+    """Enough samples for the metrics (precision/recall need more than k), checked before any work."""
+    if len(images) <= metrics.PR_K:
+        raise ValueError(f"need more than {metrics.PR_K} samples for precision/recall and FID, got {len(images)}")
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -80,9 +86,17 @@ class EvalNetFeatures:
         h = args[0]
         self._pooled = h.float().mean(dim=(2, 3)) if h.dim() == 4 else h.float()
 
-    def check(self, images: np.ndarray, what: str) -> None:
+    @property
+    def num_classes(self) -> int:
+        return self.net.out_channels
+
+    def accepts(self, images: np.ndarray) -> bool:
         c, h, w = self.shape
-        if images.shape[1:] != (h, w, c):
+        return images.shape[1:] == (h, w, c)
+
+    def check(self, images: np.ndarray, what: str) -> None:
+        if not self.accepts(images):
+            c, h, w = self.shape
             raise ValueError(
                 f"{what} are {images.shape[1]}x{images.shape[2]} with {images.shape[3]} channel(s); the evaluation "
                 f"network takes {h}x{w} with {c}"
@@ -179,27 +193,42 @@ class Evaluator:
         if len(reference) <= metrics.PR_K:
             raise ValueError(f"need more than {metrics.PR_K} reference images, got {len(reference)}")
         self.num_reference = len(reference)
-        self.reference_features = self.features(reference)[0]
-        self.reference_stats = metrics.feature_stats(self.reference_features)
+        self._reference = reference
+        self._reference_features: np.ndarray | None = None
+
+    @property
+    def reference_features(self) -> np.ndarray:
+        """Features of the reference images (computed on first use, then kept)."""
+        if self._reference_features is None:
+            self._reference_features = self.features(self._reference)[0]
+            self.reference_stats = metrics.feature_stats(self._reference_features)
+        return self._reference_features
+
+    def check(self, images: np.ndarray, labels: np.ndarray | None) -> bool:
+        """Raise ValueError for samples that cannot be scored; returns whether class accuracy applies."""
+        check_samples(images, labels)
+        self.features.check(images, "samples")
+        if labels is None:
+            return False
+        if self.features is not self.classifier and not self.classifier.accepts(images):
+            return False  # e.g. ImageNet samples scored with Inception: no MNIST class accuracy
+        self.classifier.check(images, "samples")
+        num_classes = self.classifier.num_classes
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        if len(bad):
+            raise ValueError(f"label {int(bad[0])} is outside the evaluation network's {num_classes} classes")
+        return True
 
     def __call__(self, images: np.ndarray, labels: np.ndarray | None = None) -> Scores:
         """Scores of uint8 NHWC ``images`` (and their labels, for class accuracy)."""
-        if len(images) <= metrics.PR_K:
-            raise ValueError(
-                f"need more than {metrics.PR_K} samples for precision/recall and FID, got {len(images)}"
-            )
-        self.features.check(images, "samples")
+        with_accuracy = self.check(images, labels)
         feats, probs = self.features(images)
         accuracy = None
-        if labels is not None:
-            self.classifier.check(images, "samples")
+        if with_accuracy:
             class_probs = probs if self.features is self.classifier else self.classifier(images)[1]
-            num_classes = class_probs.shape[1]
-            bad = labels[(labels < 0) | (labels >= num_classes)]
-            if len(bad):
-                raise ValueError(f"label {int(bad[0])} is outside the evaluation network's {num_classes} classes")
             accuracy = metrics.class_accuracy(class_probs, labels)
-        pr = metrics.precision_recall(self.reference_features, feats, k=metrics.PR_K)
+        reference = self.reference_features
+        pr = metrics.precision_recall(reference, feats, k=metrics.PR_K)
         return Scores(
             fid=metrics.frechet_distance(self.reference_stats, metrics.feature_stats(feats)),
             inception_score=metrics.inception_score(probs),
@@ -216,5 +245,6 @@ def evaluate_npz(path: str | os.PathLike, reference: str | os.PathLike | None = 
                  inception: str | os.PathLike | None = None, device: str | None = None) -> Scores:  # fmt: skip
     """Scores of the samples in an ADM ``.npz`` (see :class:`Evaluator`); inputs are checked first."""
     images, labels = load_npz(path)
+    check_samples(images, labels)
     ref = reference_images(reference)
     return Evaluator(ref, inception, device)(images, labels)

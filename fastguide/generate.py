@@ -42,7 +42,9 @@ def build_policy(name: str, strength: float | None = None, threshold: float | No
         raise ValueError(f"unknown guidance policy {name!r}; expected one of {sorted(POLICIES)}")
     cls = POLICIES[name]
     kwargs = {}
-    if strength is not None and name != "none":
+    if strength is not None and name == "none":
+        raise ValueError(f"a strength ({strength}) has no effect with the 'none' policy")
+    if strength is not None:
         kwargs["gamma" if name == "eds" else "scale" if name == "constant" else "c"] = strength
     if threshold is not None:
         if cls is not GradientNorm:
@@ -105,6 +107,10 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; expected auto, cpu, cuda or cuda:N")
     return dev
 
 
@@ -186,8 +192,11 @@ def generate(
             from .noise import PerSampleNoise
 
             kept.setdefault(0, []).append(PerSampleNoise(sd[:first], sampler.image_shape, device).initial())
-        with flush_denormals(device.type == "cpu"):
-            result = sampler.sample(lab, seeds=sd, device=device, callback=on_step)
+        try:
+            with flush_denormals(device.type == "cpu"):
+                result = sampler.sample(lab, seeds=sd, device=device, callback=on_step)
+        except FloatingPointError as err:  # name the sample by its place in the whole run
+            raise FloatingPointError(f"{err} (sample numbers count from sample {start} of this run)") from None
         images.append(to_uint8(result.images).cpu().numpy())
         traces.append(result.trace)
     bar.close()

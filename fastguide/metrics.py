@@ -47,18 +47,26 @@ def feature_stats(features: np.ndarray) -> GaussianStats:
 def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = FID_EPSILON) -> float:
     """Fréchet distance between two Gaussians (FID when the statistics are of network features).
 
-    When Σ₁Σ₂ is singular (e.g. fewer samples than dimensions) and sqrtm gives a non-finite result,
-    ``eps`` is added to both diagonals (warned). A complex square root whose imaginary part is more than
-    rounding noise is an error.
+    When Σ₁Σ₂ is singular (e.g. fewer samples than dimensions: sqrtm warns or gives a non-finite
+    result), ``eps`` is added to both diagonals, with a one-line warning. A complex square root whose
+    imaginary part is more than ``SQRTM_IMAG_TOLERANCE`` of the trace term is an error.
     """
     from scipy import linalg
 
     if a.mu.shape != b.mu.shape:
         raise ValueError(f"feature dimensions differ: {a.mu.shape[0]} vs {b.mu.shape[0]}")
     diff = a.mu - b.mu
-    covmean = linalg.sqrtm(a.sigma @ b.sigma)
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"singular covariance product; adding {eps} to the diagonals for FID", stacklevel=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(a.sigma @ b.sigma)
+    singular = any(issubclass(w.category, linalg.LinAlgWarning) for w in caught)
+    singular = singular or _singular(a.sigma) or _singular(b.sigma)
+    if singular or not np.isfinite(covmean).all():
+        warnings.warn(
+            f"FID: the covariance product is singular (e.g. fewer samples than the {a.mu.shape[0]} feature "
+            f"dimensions); adding {eps} to both diagonals",
+            stacklevel=2,
+        )
         offset = np.eye(a.sigma.shape[0]) * eps
         covmean = linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
     if np.iscomplexobj(covmean):
@@ -69,6 +77,12 @@ def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = FID_EPSILO
         covmean = covmean.real
     value = diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean)
     return float(max(value, 0.0))
+
+
+def _singular(sigma: np.ndarray) -> bool:
+    """Whether a covariance is (numerically) rank-deficient, as with no more samples than dimensions."""
+    eig = np.linalg.eigvalsh(sigma)
+    return bool(eig.min() <= 1e-10 * max(float(eig.max()), 1e-300))
 
 
 def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:

@@ -119,12 +119,18 @@ def _num(row: dict, key: str) -> float:
     return float(value) if value not in ("", None) else math.nan
 
 
+def _fid_key(row: dict) -> float:
+    """FID for ranking: a run without one (diverged or failed) ranks last."""
+    value = _num(row, "fid")
+    return math.inf if math.isnan(value) else value
+
+
 def best_rows(rows: list[dict]) -> list[dict]:
     """Per (model, sampler, classifier, policy): the row with the lowest FID (ties: first)."""
     best: dict[tuple, dict] = {}
     for r in rows:
         k = (r["model"], r["sampler"], r["classifier"], r["policy"])
-        if k not in best or _num(r, "fid") < _num(best[k], "fid"):
+        if k not in best or _fid_key(r) < _fid_key(best[k]):
             best[k] = r
     order = {p: i for i, p in enumerate(POLICY_ORDER)}
     return sorted(best.values(), key=lambda r: (MODELS.index(r["model"]), r["sampler"], r["classifier"],
@@ -180,6 +186,10 @@ def run(args: argparse.Namespace) -> None:
     out = check_output_folder(args.out)
     runs = plan(models, classifiers, tuple(names[m] for m in samplers), QUICK_SWEEPS if args.quick else SWEEPS)
     rows = _read_rows(out / "results.csv") if args.resume else []
+    other = sorted({r["num_samples"] for r in rows} - {str(n)})
+    if other:
+        raise ValueError(f"--resume: {out / 'results.csv'} holds runs of {other[0]} samples, not {n}; "
+                         "use another --out or the same --num_samples")  # fmt: skip
     done = {(r["model"], r["classifier"], r["sampler"], r["policy"], f"{float(r['strength']):g}") for r in rows}
     todo = [r for r in runs if r.key not in done]
     print(f"reproduce: {len(runs)} runs ({len(runs) - len(todo)} already done), {n} samples each, "
@@ -207,8 +217,8 @@ def run(args: argparse.Namespace) -> None:
         try:
             gen = generate(sampler, labels, seeds, args.batch_size, device, progress=not args.quiet, desc=desc)
             scores = evaluator(gen.images, gen.labels).as_dict()
-        except FloatingPointError as err:  # a diverging setting is a result, not a crash
-            print(f"{desc}: diverged ({err})", flush=True)
+        except (FloatingPointError, ValueError) as err:  # a diverging setting is a result, not a crash
+            print(f"{desc}: failed, recorded without metrics ({' '.join(str(err).split())})", flush=True)
             scores = {m: "" for m in METRICS}
         row = dict(zip(("model", "classifier", "sampler", "policy"), (r.model, r.classifier, r.sampler, r.policy)))
         row.update(strength=f"{r.strength:g}", num_samples=n, seconds=f"{time.perf_counter() - start:.1f}")

@@ -92,11 +92,70 @@ def test_unwritable_output_folder_is_one_line_and_writes_nothing(tmp_path, capsy
         assert "not writable" in capsys.readouterr().err and _files(ro) == []
 
 
-def test_argparse_errors_exit_2_with_usage(tmp_path, capsys):
+@pytest.mark.parametrize("args", [["--policy", "bogus"], ["--count", "abc"], ["--method", "euler"], ["--nope"]])
+def test_argparse_errors_are_one_line_too(tmp_path, capsys, args):
     with pytest.raises(SystemExit) as exc:
-        main(["sample", "--policy", "bogus", "--out", str(tmp_path / "o")])
-    assert exc.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+        main(["sample", "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("fastguide") and ": error: " in err and err.count("\n") == 1
     assert _files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--policy", "none", "--grad_maps", "2"], "--grad_maps 2 has no effect with --policy none"),
+        (["--policy", "none", "--scale", "3"], "--scale 3.0 has no effect"),
+        (["--method", "ddpm", "--eta", "0.5"], "--eta 0.5 applies to DDIM only"),
+        (["--grad_maps", "17"], "--grad_maps must be between 0 and 16"),
+        (["--model", "ect"], "--model 'ect' is neither"),
+    ],
+)
+def test_options_that_would_be_ignored_are_errors(tmp_path, capsys, args, message):
+    assert main(["sample", "--out", str(tmp_path / "o"), *TINY, *args]) == 2
+    assert message in capsys.readouterr().err and _files(tmp_path) == []
+
+
+def test_run_folders_of_the_wrong_kind_are_named(tmp_path, capsys):
+    from fastguide.pretrained import embedded_dir
+
+    clf, unet = str(embedded_dir("classifier_ce")), str(embedded_dir("cadm"))
+    assert main(["sample", "--out", str(tmp_path / "o"), *TINY, "--model", clf]) == 2
+    assert "is a classifier run, not a diffusion UNet" in capsys.readouterr().err
+    assert main(["sample", "--out", str(tmp_path / "o"), *TINY, "--classifier", unet]) == 2
+    assert "is a diffusion run, not a classifier" in capsys.readouterr().err
+    assert _files(tmp_path) == []
+
+
+def test_a_failure_after_sampling_leaves_no_files(tmp_path, capsys, monkeypatch):
+    import fastguide.plots
+
+    def broken(*args, **kwargs):
+        raise PermissionError("disk full while drawing")
+
+    monkeypatch.setattr(fastguide.plots, "save_trace_plot", broken)
+    out = tmp_path / "out"
+    assert main(["sample", "--out", str(out), *TINY]) == 2
+    assert "disk full while drawing" in capsys.readouterr().err
+    assert _files(tmp_path) == []  # neither the npz nor the grid written before the failure
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["sample", "--out", str(out), *TINY]) == 2
+    assert _files(tmp_path) == ["keep.txt", "out"] and _files(out) == ["keep.txt"]
+
+
+def test_gradient_maps_with_ddpm_over_several_batches(tmp_path):
+    out = tmp_path / "o"
+    args = ["sample", "--out", str(out), "--classes", "1,2,3", "--count", "1", "--method", "ddpm", "--respacing", "4",
+            "--batch_size", "2", "--grad_maps", "3", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    assert "grad_maps.png" in _files(out)
+
+
+def test_unguided_sampling_writes_no_trace(tmp_path):
+    out = tmp_path / "o"
+    assert main(["sample", "--out", str(out), *TINY, "--policy", "none", "--model", "uncond"]) == 0
+    assert _files(out) == ["grid.png", "run.json", "samples_4x32x32x1.npz"]
 
 
 def test_evaluate_scores_a_written_npz_and_writes_json(tmp_path, capsys):
@@ -164,6 +223,25 @@ def test_evaluate_with_a_torchscript_inception_file(tmp_path):
     assert scores["precision"] == 1.0 and scores["recall"] == 1.0
     (tmp_path / "junk.pt").write_text("no")
     assert main(args[:5] + [str(tmp_path / "junk.pt")]) == 2
+
+
+def test_inception_scores_rgb_samples_without_mnist_class_accuracy(tmp_path, capsys):
+    """Labelled 64x64 RGB samples (ImageNet-like) are scored in Inception space; class accuracy is None."""
+
+    class FakeDetector(torch.nn.Module):
+        def forward(self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False):
+            x = img.float().flatten(1)[:, ::193]
+            return x if return_features else torch.softmax(x[:, :5] / 64, dim=1)
+
+    torch.jit.script(FakeDetector()).save(str(tmp_path / "inception.pt"))
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(30, 64, 64, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", images, np.arange(30) * 7)  # ImageNet-style labels, beyond MNIST's 10
+    np.savez(tmp_path / "ref.npz", rng.integers(0, 256, size=(40, 64, 64, 3), dtype=np.uint8))
+    assert main(["evaluate", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--inception",
+                 str(tmp_path / "inception.pt"), "--json", str(tmp_path / "new" / "j.json")]) == 0  # fmt: skip
+    scores = json.loads((tmp_path / "new" / "j.json").read_text())
+    assert scores["class_accuracy"] is None and scores["feature_space"] == "inception"
 
 
 def test_python_dash_m_and_console_script_agree(tmp_path):

@@ -23,10 +23,19 @@ def test_the_reference_set_scored_against_itself(evaluator):
 
 
 def test_features_are_the_pooled_last_feature_map():
+    import torch
+
     feats = EvalNetFeatures()
     images = reference_images()[:7]
+    seen = []
+    feats.net.out[1].register_forward_hook(lambda m, i, o: seen.append(o.mean(dim=(2, 3)).double().numpy()))
     f, p = feats(images)
     assert f.shape == (7, 64) and p.shape == (7, 10)
+    np.testing.assert_allclose(f, seen[0], rtol=1e-6)  # GroupNorm + SiLU of the last feature map, averaged
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        logits = feats.net(x, torch.zeros(7, dtype=torch.long)).double()
+    np.testing.assert_allclose(p, torch.softmax(logits, 1).numpy(), rtol=1e-6)
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-9)
     f2, _ = feats(images[::-1].copy())
     np.testing.assert_allclose(f2[::-1], f, rtol=1e-5, atol=1e-6)  # per-image, not per-batch

@@ -34,7 +34,8 @@ def test_fid_of_sampled_gaussians_approaches_the_analytic_value():
 def test_fid_with_singular_covariances_stays_finite():
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(3, 10)), rng.normal(size=(3, 10))  # 3 samples in 10 dims: rank-2 covariances
-    value = metrics.fid(a, b)
+    with pytest.warns(UserWarning, match="singular .* adding 1e-06 to both diagonals"):
+        value = metrics.fid(a, b)
     assert math.isfinite(value) and value >= 0
 
 

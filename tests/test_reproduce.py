@@ -35,13 +35,15 @@ def test_tiny_reproduce_writes_csv_table_and_plots_and_resumes(tmp_path, capsys)
     assert main(["reproduce", "--out", str(out), *TINY, "--resume"]) == 0
     assert "12 runs (12 already done)" in capsys.readouterr().out
     assert len(list(csv.DictReader(open(out / "results.csv")))) == 12
+    assert main(["reproduce", "--out", str(out), *TINY, "--resume", "--num_samples", "15"]) == 2
+    assert "holds runs of 12 samples, not 15" in capsys.readouterr().err
 
 
 def test_best_rows_pick_the_lowest_fid_per_policy():
     rows = [
+        dict(model="cond", sampler="ddim-25", classifier="ect", policy="eds", strength="9", fid=""),  # diverged
         dict(model="cond", sampler="ddim-25", classifier="ect", policy="eds", strength="1", fid="0.5"),
         dict(model="cond", sampler="ddim-25", classifier="ect", policy="eds", strength="3", fid="0.2"),
-        dict(model="cond", sampler="ddim-25", classifier="ect", policy="eds", strength="9", fid=""),  # diverged
         dict(model="cond", sampler="ddim-25", classifier="ect", policy="constant", strength="3", fid="0.4"),
     ]
     best = best_rows(rows)
