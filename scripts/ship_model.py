@@ -2,9 +2,9 @@
 
     python3 scripts/ship_model.py RUN_DIR NAME --command "fastguide train-... (the exact command)"
 
-Ships config.json and the weights (the EMA weights of a diffusion run), and writes MODEL_CARD.md with
-the command, the steps, the wall time (from the run's first and last files) and the last held-out
-evaluation rows.
+Ships config.json and the weights (by default the EMA weights of a diffusion run; ``--weights model``
+for the plain ones), and writes MODEL_CARD.md with the command, the steps, the wall time (from the
+run's first and last files) and the last held-out evaluation rows.
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ def main() -> None:
     parser.add_argument("name")
     parser.add_argument("--command", required=True)
     parser.add_argument("--weights-dir", type=Path, default=ROOT / "fastguide" / "weights")
+    parser.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
+                        help="auto: the EMA weights when the run has them, else the model's")  # fmt: skip
     args = parser.parse_args()
     run, dest = args.run, args.weights_dir / args.name
     config = json.loads((run / "config.json").read_text())
-    weights = run / ("ema.safetensors" if (run / "ema.safetensors").is_file() else "model.safetensors")
+    use_ema = args.weights == "ema" or (args.weights == "auto" and (run / "ema.safetensors").is_file())
+    weights = run / ("ema.safetensors" if use_ema else "model.safetensors")
     train_rows = [json.loads(x) for x in (run / "train.jsonl").read_text().splitlines()]
     eval_rows = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()] if (run / "eval.jsonl").is_file() else []
     last_eval = [r for r in eval_rows if r["step"] == eval_rows[-1]["step"]] if eval_rows else []
