@@ -134,5 +134,5 @@ def save_sweep_plot(path: str | os.PathLike, rows: Sequence[dict], metric_names:
         ax.set_title(metric)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)
     _save(fig, Path(path))
