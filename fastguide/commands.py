@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 
+from .files import nearest_existing
 from .guidance import POLICIES
 
 DEFAULT_OUT = "fastguide-out"
@@ -40,9 +41,7 @@ def check_output_folder(out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PermissionError(f"output folder {str(out)!r} exists and is not a folder")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
+    probe = nearest_existing(out)
     if not probe.is_dir():
         raise PermissionError(f"output folder {str(out)!r} cannot be created: {str(probe)!r} is a file")
     try:
@@ -93,7 +92,7 @@ def add_sample_command(sub) -> None:
 def _sample_plan(args) -> dict:
     """Everything ``sample`` will do, checked; raises ValueError naming the bad value."""
     from .adm.configs import ClassifierFlags, ModelFlags
-    from .generate import CLASSIFIERS, MODELS, build_policy, run_dir
+    from .generate import CLASSIFIERS, DEFAULT_RESPACING, MODELS, build_policy, run_dir
     from .pretrained import run_flags
 
     flags = run_flags(run_dir(args.model, MODELS, "--model"))
@@ -140,7 +139,7 @@ def _sample_plan(args) -> dict:
             raise ValueError(f"seed {s} is not in [0, 2**63)")
     strength = args.scale if args.scale is not None or args.policy != "eds" else DEFAULT_GAMMA
     policy = build_policy(args.policy, strength, args.threshold, args.t_max)
-    flags.schedule(args.respacing if args.respacing else ("ddim25" if args.method == "ddim" else "250"))
+    flags.schedule(args.respacing or DEFAULT_RESPACING[args.method])
     return dict(labels=labels, seeds=seeds, policy=policy, classes=classes, num_classes=num_classes)
 
 
@@ -152,10 +151,7 @@ class Staging:
 
     def __init__(self, out: Path):
         self.out = out
-        parent = out
-        while not parent.exists():
-            parent = parent.parent
-        self.tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".fastguide-staging-"))
+        self.tmp = Path(tempfile.mkdtemp(dir=nearest_existing(out), prefix=".fastguide-staging-"))
 
     def path(self, name: str) -> Path:
         return self.tmp / name
@@ -253,7 +249,8 @@ def add_evaluate_command(sub) -> None:
 
 def run_evaluate(args) -> None:
     from .evaluation import Evaluator, check_samples, load_npz, reference_images
-    from .generate import atomic_write, resolve_device
+    from .files import atomic_write
+    from .generate import resolve_device
 
     images, labels = load_npz(args.samples)
     check_samples(images, labels)

@@ -9,8 +9,7 @@ live here too; every file is written to a temporary name and renamed, so none is
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import torch
 from torch import nn
 
 from .cpu import flush_denormals
-from .guidance import POLICIES, ConstantRange, GradientNorm, GuidancePolicy, classifier_gradient
+from .files import atomic_write
+from .guidance import POLICIES, ConstantRange, GradientNorm, GuidancePolicy, NoGuidance, classifier_gradient
 from .images import to_uint8
 from .sampler import GuidedSampler, SamplerConfig
 from .schedule import Schedule
@@ -150,7 +150,7 @@ def make_sampler(nets: Networks, policy: GuidancePolicy, method: str = "ddim", r
                  eta: float = 0.0) -> GuidedSampler:  # fmt: skip
     respacing = DEFAULT_RESPACING[method] if respacing in (None, "") and method in DEFAULT_RESPACING else respacing
     schedule: Schedule = nets.flags.schedule(respacing)
-    return GuidedSampler(nets.model, nets.classifier if policy.__class__.__name__ != "NoGuidance" else None,
+    return GuidedSampler(nets.model, None if isinstance(policy, NoGuidance) else nets.classifier,
                          schedule, policy, SamplerConfig(method=method, eta=eta))  # fmt: skip
 
 
@@ -225,19 +225,6 @@ def generate(
         grad_maps=grad_maps,
         x_maps=x_maps,
     )
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file next to ``path``, then rename it to ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None) -> None:

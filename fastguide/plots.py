@@ -1,7 +1,7 @@
 """Figures: sample grids (a row per class), the per-step trace of entropy / scale / gradient norm
 (the paper's Fig. 1 and 3), guidance-gradient maps (Fig. 4) and the ablation sweeps (supplement Fig. 1-2).
 
-Every figure is written through :func:`fastguide.generate.atomic_write`. matplotlib is imported
+Every figure is written through :func:`fastguide.files.atomic_write`. matplotlib is imported
 lazily (Agg backend) so that the library itself does not need it.
 """
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .generate import Generated, atomic_write
+from .files import atomic_write
+from .generate import Generated
 
 
 def _pyplot():

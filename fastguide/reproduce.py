@@ -24,12 +24,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .generate import atomic_write
+from .files import atomic_write
+from .generate import DEFAULT_RESPACING
 
 MODELS = ("uncond", "cond")
 CLASSIFIERS = ("ce", "ect")
 SAMPLERS = ("ddim", "ddpm")
-RESPACING = {"ddim": "ddim25", "ddpm": "250"}  # the paper's DDIM-25 and DDPM-250
+RESPACING = DEFAULT_RESPACING  # the paper's DDIM-25 and DDPM-250
 QUICK_RESPACING = {"ddim": "ddim10", "ddpm": "25"}
 POLICY_ORDER = ("none", "constant", "constant-range", "timestep-aware", "gradient-norm", "eds")
 

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..files import atomic_write
 from .data import random_flip
 from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
 from .distributed import DistState
@@ -207,9 +208,8 @@ def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
     """Write a safetensors file atomically (temporary file, then rename)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 class Trainer:
