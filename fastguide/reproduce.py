@@ -67,13 +67,16 @@ class Run:
         return (self.model, self.classifier, self.sampler, self.policy, f"{self.strength:g}")
 
 
-def plan(models=MODELS, classifiers=CLASSIFIERS, samplers=SAMPLERS, sweeps=SWEEPS) -> list[Run]:
+def plan(models=MODELS, classifiers=CLASSIFIERS, samplers=SAMPLERS, sweeps=SWEEPS,
+         policies=POLICY_ORDER) -> list[Run]:  # fmt: skip
+    """The runs of the grid, in order; ``policies`` picks a subset ("none" is the unguided baseline)."""
     runs = []
     for model in models:
         for sampler in samplers:
-            runs.append(Run(model, "-", sampler, "none", 0.0))
+            if "none" in policies:
+                runs.append(Run(model, "-", sampler, "none", 0.0))
             for classifier in classifiers:
-                for policy in POLICY_ORDER[1:]:
+                for policy in (p for p in POLICY_ORDER[1:] if p in policies):
                     runs += [Run(model, classifier, sampler, policy, s) for s in sweeps.get(policy, ())]
     return runs
 
@@ -87,6 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ddim_respacing", default=None, help="respacing of the DDIM runs (default: ddim25; --quick: ddim10)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
     p.add_argument("--classifiers", default=",".join(CLASSIFIERS), help=f"comma list of {list(CLASSIFIERS)}")
+    p.add_argument("--policies", default=",".join(POLICY_ORDER),
+                   help=f"comma list of {list(POLICY_ORDER)} (none: the unguided baseline; default: all)")  # fmt: skip
     p.add_argument("--ddpm_respacing", default=None,
                    help="respacing of the DDPM runs (default: 250; --quick: 25)")  # fmt: skip
     p.add_argument("--batch_size", type=int, default=250, help="samples per batch (default: 250)")
@@ -177,6 +182,7 @@ def run(args: argparse.Namespace) -> None:
     models = _choices(args.models, MODELS, "model")
     classifiers = _choices(args.classifiers, CLASSIFIERS, "classifier")
     samplers = _choices(args.samplers, SAMPLERS, "sampler")
+    policies = _choices(args.policies, POLICY_ORDER, "policy")
     n = args.num_samples if args.num_samples is not None else (100 if args.quick else 150)
     if n < 10:
         raise ValueError(f"--num_samples must be at least 10 (one per class and enough for the metrics), got {n}")
@@ -188,7 +194,8 @@ def run(args: argparse.Namespace) -> None:
     names = {method: f"{method}-{steps[method]}" for method in samplers}
     device = resolve_device(args.device)
     out = check_output_folder(args.out)
-    runs = plan(models, classifiers, tuple(names[m] for m in samplers), QUICK_SWEEPS if args.quick else SWEEPS)
+    runs = plan(models, classifiers, tuple(names[m] for m in samplers), QUICK_SWEEPS if args.quick else SWEEPS,
+                policies)
     rows = _read_rows(out / "results.csv") if args.resume else []
     other = sorted({r["num_samples"] for r in rows} - {str(n)})
     if other:

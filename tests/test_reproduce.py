@@ -20,6 +20,14 @@ def test_plan_covers_the_papers_grid():
     assert all(QUICK_SWEEPS[p] == (SWEEPS[p][1],) for p in SWEEPS)
 
 
+def test_plan_picks_policies_in_grid_order():
+    runs = plan(models=("cond",), samplers=("ddpm-250",), policies=("eds", "none"))
+    assert (runs[0].classifier, runs[0].policy) == ("-", "none")
+    assert [(r.policy, r.strength) for r in runs[1:]] == [("eds", s) for _ in range(2) for s in SWEEPS["eds"]]
+    assert {r.classifier for r in runs[1:]} == {"ce", "ect"}
+    assert plan(models=("cond",), samplers=("ddpm-250",), policies=("eds",))[0].policy == "eds"  # no baseline
+
+
 def test_tiny_reproduce_writes_csv_table_and_plots_and_resumes(tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["reproduce", "--out", str(out), *TINY]) == 0
@@ -55,6 +63,7 @@ def test_best_rows_pick_the_lowest_fid_per_policy():
     [
         (["--models", "big"], "unknown model 'big'"),
         (["--samplers", "euler"], "unknown sampler 'euler'"),
+        (["--policies", "eds,cfg"], "unknown policy 'cfg'"),
         (["--num_samples", "5"], "--num_samples must be at least 10"),
         (["--ddim_respacing", "ddim5000"], "5000"),
     ],
