@@ -97,6 +97,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=int, default=250, help="samples per batch (default: 250)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.csv")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: rewrite results.md and the plots from OUT/results.csv (lists missing runs)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -146,7 +148,8 @@ def best_rows(rows: list[dict]) -> list[dict]:
                                                 order[r["policy"]]))  # fmt: skip
 
 
-def markdown(rows: list[dict], command: str, settings: str) -> str:
+def markdown(rows: list[dict], command: str, settings: str, missing: list[Run] = ()) -> str:
+    """The best-per-policy table of ``rows``; ``missing`` lists planned runs not in ``rows`` (partial grid)."""
     lines = [
         "# Reproduced ablations on MNIST 5k",
         "",
@@ -169,6 +172,10 @@ def markdown(rows: list[dict], command: str, settings: str) -> str:
         vals = " | ".join(f"{_num(r, m):.3f}" for m in METRICS)
         lines.append(f"| {r['model']} | {r['sampler']} | {r['classifier']} | {r['policy']} | {r['strength']} | {vals} |")
     lines += ["", f"All {len(rows)} runs, with every swept strength: `results.csv`. Sweeps: `sweep_*.png`.", ""]
+    if missing:
+        lines += [f"Partial grid: {len(missing)} planned runs are not in `results.csv` yet (their setting's "
+                  "best row is over the strengths that did run):", ""]  # fmt: skip
+        lines += [f"- {r.model} {r.sampler} {r.classifier} {r.policy} {r.strength:g}" for r in missing] + [""]
     return "\n".join(lines)
 
 
@@ -196,16 +203,20 @@ def run(args: argparse.Namespace) -> None:
     out = check_output_folder(args.out)
     runs = plan(models, classifiers, tuple(names[m] for m in samplers), QUICK_SWEEPS if args.quick else SWEEPS,
                 policies)
-    rows = _read_rows(out / "results.csv") if args.resume else []
+    if args.report and not (out / "results.csv").is_file():
+        raise ValueError(f"--report: no {out / 'results.csv'} to report on")
+    rows = _read_rows(out / "results.csv") if args.resume or args.report else []
     other = sorted({r["num_samples"] for r in rows} - {str(n)})
     if other:
-        raise ValueError(f"--resume: {out / 'results.csv'} holds runs of {other[0]} samples, not {n}; "
+        raise ValueError(f"{'--report' if args.report else '--resume'}: {out / 'results.csv'} holds runs of "
+                         f"{other[0]} samples, not {n}; "
                          "use another --out or the same --num_samples")  # fmt: skip
     done = {(r["model"], r["classifier"], r["sampler"], r["policy"], f"{float(r['strength']):g}") for r in rows}
     todo = [r for r in runs if r.key not in done]
     print(f"reproduce: {len(runs)} runs ({len(runs) - len(todo)} already done), {n} samples each, "
-          f"{' and '.join(names.values())}, on {device}", flush=True)  # fmt: skip
-    evaluator = Evaluator(device=device)
+          f"{' and '.join(names.values())}, on {device}" + (", report only" if args.report else ""), flush=True)  # fmt: skip
+    missing, todo = (todo, []) if args.report else ([], todo)
+    evaluator = Evaluator(device=device) if todo else None
     labels, seeds = [i % 10 for i in range(n)], list(range(n))
     out.mkdir(parents=True, exist_ok=True)
     command = "fastguide reproduce " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["reproduce"] else "fastguide reproduce"
@@ -237,7 +248,7 @@ def run(args: argparse.Namespace) -> None:
         rows.append(row)
         _write_csv(out / "results.csv", rows)
         print(f"{desc}: " + ", ".join(f"{m} {row[m]}" for m in METRICS) + f" ({row['seconds']} s)", flush=True)
-    atomic_write(out / "results.md", lambda tmp: tmp.write_text(markdown(rows, command, settings)))
+    atomic_write(out / "results.md", lambda tmp: tmp.write_text(markdown(rows, command, settings, missing)))
     numeric = [dict(r, strength=float(r["strength"]), **{m: _num(r, m) for m in METRICS}) for r in rows
                if r["policy"] != "none"]  # fmt: skip
     for model in models:

@@ -47,6 +47,27 @@ def test_tiny_reproduce_writes_csv_table_and_plots_and_resumes(tmp_path, capsys)
     assert "holds runs of 12 samples, not 15" in capsys.readouterr().err
 
 
+def test_policies_subset_then_report_lists_the_missing_runs(tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["reproduce", "--out", str(out), *TINY, "--samplers", "ddim"]
+    assert main([*args, "--policies", "none,eds"]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["classifier"], r["policy"]) for r in rows] == [("-", "none"), ("ect", "eds")]
+    assert "2 planned runs" not in (out / "results.md").read_text()  # the subset asked for is complete
+    (out / "results.md").unlink()
+    capsys.readouterr()
+    assert main([*args, "--report"]) == 0  # the whole grid: 4 policies have not run
+    assert "6 runs (2 already done)" in capsys.readouterr().out
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == 2  # nothing ran
+    table = (out / "results.md").read_text()
+    assert "Partial grid: 4 planned runs are not in `results.csv` yet" in table
+    for policy in ("constant", "constant-range", "timestep-aware", "gradient-norm"):
+        assert f"- cond ddim-2 ect {policy} {QUICK_SWEEPS[policy][0]:g}" in table
+    assert "| cond | ddim-2 | ect | eds |" in table
+    assert main(["reproduce", "--out", str(tmp_path / "empty"), "--report", "--quiet"]) == 2
+    assert "--report: no " in capsys.readouterr().err and not (tmp_path / "empty").exists()
+
+
 def test_best_rows_pick_the_lowest_fid_per_policy():
     rows = [
         dict(model="cond", sampler="ddim-25", classifier="ect", policy="eds", strength="9", fid=""),  # diverged
