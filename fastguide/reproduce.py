@@ -175,7 +175,13 @@ def markdown(rows: list[dict], command: str, settings: str, missing: list[Run] =
     if missing:
         lines += [f"Partial grid: {len(missing)} planned runs are not in `results.csv` yet (their setting's "
                   "best row is over the strengths that did run):", ""]  # fmt: skip
-        lines += [f"- {r.model} {r.sampler} {r.classifier} {r.policy} {r.strength:g}" for r in missing] + [""]
+        groups: dict[tuple, dict[str, list[str]]] = {}
+        for r in missing:
+            groups.setdefault((r.model, r.sampler, r.classifier), {}).setdefault(r.policy, []).append(f"{r.strength:g}")
+        for (model, sampler, classifier), policies in groups.items():
+            runs = "; ".join(f"{p} {', '.join(v)}" if p != "none" else p for p, v in policies.items())
+            lines.append(f"- {model} {sampler} {classifier}: {runs}")
+        lines.append("")
     return "\n".join(lines)
 
 
