@@ -67,6 +67,11 @@ class Run:
         return (self.model, self.classifier, self.sampler, self.policy, f"{self.strength:g}")
 
 
+def row_key(row: dict) -> tuple:
+    """The :attr:`Run.key` of a ``results.csv`` row, so that a resumed grid skips the runs it holds."""
+    return Run(row["model"], row["classifier"], row["sampler"], row["policy"], float(row["strength"])).key
+
+
 def plan(models=MODELS, classifiers=CLASSIFIERS, samplers=SAMPLERS, sweeps=SWEEPS,
          policies=POLICY_ORDER) -> list[Run]:  # fmt: skip
     """The runs of the grid, in order; ``policies`` picks a subset ("none" is the unguided baseline)."""
@@ -217,7 +222,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"{'--report' if args.report else '--resume'}: {out / 'results.csv'} holds runs of "
                          f"{other[0]} samples, not {n}; "
                          "use another --out or the same --num_samples")  # fmt: skip
-    done = {(r["model"], r["classifier"], r["sampler"], r["policy"], f"{float(r['strength']):g}") for r in rows}
+    done = {row_key(r) for r in rows}
     todo = [r for r in runs if r.key not in done]
     print(f"reproduce: {len(runs)} runs ({len(runs) - len(todo)} already done), {n} samples each, "
           f"{' and '.join(names.values())}, on {device}" + (", report only" if args.report else ""), flush=True)  # fmt: skip

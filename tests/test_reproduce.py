@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from fastguide.cli import main
-from fastguide.reproduce import QUICK_SWEEPS, SWEEPS, best_rows, plan
+from fastguide.reproduce import QUICK_SWEEPS, SWEEPS, best_rows, plan, row_key
 
 TINY = ["--quick", "--num_samples", "12", "--models", "cond", "--classifiers", "ect", "--ddim_respacing", "ddim2",
         "--ddpm_respacing", "2", "--quiet"]  # fmt: skip
@@ -26,6 +26,14 @@ def test_plan_picks_policies_in_grid_order():
     assert [(r.policy, r.strength) for r in runs[1:]] == [("eds", s) for _ in range(2) for s in SWEEPS["eds"]]
     assert {r.classifier for r in runs[1:]} == {"ce", "ect"}
     assert plan(models=("cond",), samplers=("ddpm-250",), policies=("eds",))[0].policy == "eds"  # no baseline
+
+
+def test_a_csv_row_has_the_key_of_its_run():
+    run = plan(models=("uncond",), samplers=("ddpm-250",), policies=("timestep-aware",))[0]
+    row = {"model": "uncond", "classifier": run.classifier, "sampler": "ddpm-250", "policy": "timestep-aware",
+           "strength": f"{run.strength:.4f}", "fid": "0.1"}  # fmt: skip
+    assert row["strength"] != f"{run.strength:g}" and row_key(row) == run.key  # "0.0010" is the run of 0.001
+    assert row_key(dict(row, strength="0.3")) != run.key
 
 
 def test_tiny_reproduce_writes_csv_table_and_plots_and_resumes(tmp_path, capsys):
