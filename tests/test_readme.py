@@ -1,4 +1,4 @@
-"""The README's runnable example runs, and its set-up and test commands are the ones CI uses."""
+"""The README: its runnable example runs, its set-up and test commands are the ones CI uses, its table is the committed grid."""
 
 import re
 from pathlib import Path
@@ -27,3 +27,22 @@ def test_ci_runs_the_readme_commands():
     assert "torch==2.13.0" in ci and "--no-build-isolation -e \".[test]\"" in ci
     assert "\nfastguide sample\n" in ci  # CI runs the quickstart's sampling as written
     assert commands[1].strip() in ci
+
+
+def _table(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| ")]
+
+
+def test_readme_table_is_the_committed_grid():
+    """The README's reproduced table is `docs/results/results.md`'s, and that is the CSV's best rows."""
+    from fastguide.reproduce import _read_rows, markdown, plan, row_key
+
+    results = ROOT / "docs" / "results"
+    rows = _read_rows(results / "results.csv")
+    planned = plan(samplers=("ddim-25", "ddpm-250"))  # the committed run's respacings (ddim25, 250)
+    assert {row_key(r) for r in rows} == {r.key for r in planned} and len(rows) == len(planned)
+    committed = (results / "results.md").read_text()
+    assert "Partial grid" not in committed
+    assert _table(committed) == _table(markdown(rows, "", ""))
+    section = README.split("## Reproduced ablations")[1].split("\n## ")[0]
+    assert _table(section) == _table(committed)
