@@ -1,4 +1,4 @@
-"""The README: its runnable example runs, its set-up and test commands are the ones CI uses, its table is the committed grid."""
+"""The README: its example runs, its set-up and test commands are CI's, its table is the committed grid."""
 
 import re
 from pathlib import Path
