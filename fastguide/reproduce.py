@@ -51,7 +51,8 @@ QUICK_SWEEPS = {policy: values[1:2] for policy, values in SWEEPS.items()}  # the
 # M = 0.5 the policy was constant c at almost every step (identical metrics to constant at c = 30)
 GRADIENT_NORM_THRESHOLD = 0.05
 METRICS = ("fid", "inception_score", "precision", "recall", "class_accuracy")
-COLUMNS = ("model", "classifier", "sampler", "policy", "strength") + METRICS + ("num_samples", "seconds")
+KEY_COLUMNS = ("model", "classifier", "sampler", "policy", "strength")  # the fields of Run.key, in its order
+COLUMNS = KEY_COLUMNS + METRICS + ("num_samples", "seconds")
 
 
 @dataclass(frozen=True)
@@ -253,8 +254,7 @@ def run(args: argparse.Namespace) -> None:
         except (FloatingPointError, ValueError) as err:  # a diverging setting is a result, not a crash
             print(f"{desc}: failed, recorded without metrics ({' '.join(str(err).split())})", flush=True)
             scores = {m: "" for m in METRICS}
-        row = dict(zip(("model", "classifier", "sampler", "policy"), (r.model, r.classifier, r.sampler, r.policy)))
-        row.update(strength=f"{r.strength:g}", num_samples=n, seconds=f"{time.perf_counter() - start:.1f}")
+        row = dict(zip(KEY_COLUMNS, r.key), num_samples=n, seconds=f"{time.perf_counter() - start:.1f}")
         row.update({m: (f"{scores[m]:.6g}" if scores[m] != "" else "") for m in METRICS})
         rows.append(row)
         _write_csv(out / "results.csv", rows)

@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from fastguide.cli import main
-from fastguide.reproduce import QUICK_SWEEPS, SWEEPS, best_rows, plan, row_key
+from fastguide.reproduce import KEY_COLUMNS, QUICK_SWEEPS, SWEEPS, best_rows, plan, row_key
 
 TINY = ["--quick", "--num_samples", "12", "--models", "cond", "--classifiers", "ect", "--ddim_respacing", "ddim2",
         "--ddpm_respacing", "2", "--quiet"]  # fmt: skip
@@ -34,6 +34,7 @@ def test_a_csv_row_has_the_key_of_its_run():
            "strength": f"{run.strength:.4f}", "fid": "0.1"}  # fmt: skip
     assert row["strength"] != f"{run.strength:g}" and row_key(row) == run.key  # "0.0010" is the run of 0.001
     assert row_key(dict(row, strength="0.3")) != run.key
+    assert row_key(dict(zip(KEY_COLUMNS, run.key))) == run.key  # the row run() writes for a run
 
 
 def test_tiny_reproduce_writes_csv_table_and_plots_and_resumes(tmp_path, capsys):
