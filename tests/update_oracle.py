@@ -1,35 +1,67 @@
-"""float64 oracles of the fused updates, shared by the kernel tests of every backend.
+"""float64 oracles of the fused updates with their rounding-error bounds, shared by the kernel tests
+of every backend.
 
-The fastguide.diffusion pieces evaluated on float64 tensors (guided_ddpm_step itself casts the
-guided mean to float32 as ADM does, so the DDPM oracle spells the step out).
+The fastguide.diffusion pieces evaluated on :class:`error_bounds.Bounded` inputs: the value is the
+formula in float64, the bound is how far a float32 evaluation of it (then stored in x's dtype) can be
+from that value (guided_ddpm_step itself casts the guided mean to float32 as ADM does, so the DDPM
+oracle spells the step out).
 """
 
-import torch
+from __future__ import annotations
+
+from error_bounds import Bounded, assert_within_bound
 
 from fastguide.diffusion import denoised_xstart, guided_ddim_step, model_variance, posterior_mean
 from fastguide.kernels.reference import VARIANCE_CODES, unpack_coefficients
+from fastguide.schedule import StepCoefficients
 
 VARIANCE_NAMES = {code: name for name, code in VARIANCE_CODES.items()}
+OUTPUTS = ("x_prev", "pred_xstart")
 
 
-def ddpm_f64(x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip_denoised):
-    """float64 oracle: the fastguide.diffusion pieces on float64 tensors (guided_ddpm_step casts to float32)."""
-    x, eps, noise = x.double(), eps.double(), noise.double()
-    c = unpack_coefficients(coefs.double())
-    var, log_var = model_variance(VARIANCE_NAMES[variance], c, None if v is None else v.double())
-    xstart = denoised_xstart(x, eps, c, clip_denoised)
-    mean = posterior_mean(xstart, x, c)
-    if grad is not None:
-        mean = mean + var * (grad.double() * scale.double().view(-1, 1, 1, 1))
-    return mean + nonzero.double().view(-1, 1, 1, 1) * torch.exp(0.5 * log_var) * noise, xstart
+def _coefficients(coefs) -> StepCoefficients:
+    return StepCoefficients(*(Bounded.lift(c) for c in unpack_coefficients(coefs.detach().cpu())))
 
 
-def ddim_f64(x, eps, grad, scale, noise, coefs, nonzero, eta, clip_denoised, paper_form):
-    """float64 oracle: fastguide.diffusion.guided_ddim_step on float64 tensors."""
-    c = unpack_coefficients(coefs.double())
-    guidance = None if grad is None else grad.double() * scale.double().view(-1, 1, 1, 1)
+def _per_sample(t) -> Bounded:
+    return Bounded.lift(t.reshape(-1, 1, 1, 1))
+
+
+def _guidance(grad, scale) -> Bounded | None:
+    return None if grad is None else Bounded.lift(grad) * _per_sample(scale)
+
+
+def ddpm_exact(x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip_denoised) -> tuple[Bounded, Bounded]:
+    """(x_prev, pred_xstart) of ``guided_ddpm_update`` in float64, with float32 error bounds."""
+    c = _coefficients(coefs)
+    x_, eps_, noise_ = Bounded.lift(x), Bounded.lift(eps), Bounded.lift(noise)
+    var, log_var = model_variance(VARIANCE_NAMES[variance], c, None if v is None else Bounded.lift(v))
+    xstart = denoised_xstart(x_, eps_, c, clip_denoised)
+    mean = posterior_mean(xstart, x_, c)
+    guidance = _guidance(grad, scale)
+    if guidance is not None:
+        mean = mean + var * guidance
+    x_prev = mean + _per_sample(nonzero) * (0.5 * log_var).exp() * noise_
+    return x_prev.to_dtype(x.dtype), xstart.to_dtype(x.dtype)
+
+
+def ddim_exact(x, eps, grad, scale, noise, coefs, nonzero, eta, clip_denoised, paper_form) -> tuple[Bounded, Bounded]:
+    """(x_prev, pred_xstart) of ``guided_ddim_update``: fastguide.diffusion.guided_ddim_step on Bounded."""
     out = guided_ddim_step(
-        x.double(), eps.double(), guidance, None if noise is None else noise.double(),
-        nonzero.double().view(-1, 1, 1, 1), c, eta, clip_denoised, "paper" if paper_form else "adm",
+        Bounded.lift(x), Bounded.lift(eps), _guidance(grad, scale), None if noise is None else Bounded.lift(noise),
+        _per_sample(nonzero), _coefficients(coefs), eta, clip_denoised, "paper" if paper_form else "adm",
     )  # fmt: skip
-    return out.x_prev, out.pred_xstart
+    return out.x_prev.to_dtype(x.dtype), out.pred_xstart.to_dtype(x.dtype)
+
+
+def check_update(got, exact: tuple[Bounded, Bounded], dtype=None) -> dict[str, float]:
+    """Each output (x_prev, pred_xstart) within the float32 rounding-error bound of the formula, in every
+    entry; returns the worst ratio of each. The bound does not depend on the CPU, its vector width or
+    thread count, or FMA contraction (see error_bounds)."""
+    ratios = {}
+    for name, g, e in zip(OUTPUTS, got, exact):
+        assert g.shape == e.value.shape, (name, tuple(g.shape))
+        if dtype is not None:
+            assert g.dtype == dtype, (name, g.dtype)
+        ratios[name] = assert_within_bound(name, g, e)
+    return ratios
