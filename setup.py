@@ -68,7 +68,10 @@ setup(
     package_data={"fastguide": ["weights/*/*"]},  # the small models shipped with fastguide
     install_requires=["torch>=2.1", "numpy", "safetensors", "tqdm", "pillow", "mlxtend", "scipy", "matplotlib"],
     entry_points={"console_scripts": ["fastguide=fastguide.cli:main"]},
-    extras_require={"test": ["pytest", "pytest-benchmark", "triton; platform_system == \"Linux\""]},
+    extras_require={
+        # guided-diffusion-sdk: openai/guided-diffusion (ADM) itself, the peer the parity tests run beside fastguide
+        "test": ["pytest", "pytest-benchmark", "triton; platform_system == \"Linux\"", "guided-diffusion-sdk"],
+    },
     license="MIT",
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -3,6 +3,18 @@
 Runs over every folder in tests/golden/ plus the folders listed in FASTGUIDE_EXTRA_GOLDEN
 (os.pathsep-separated). Everything about a folder (sizes, heads, schedule, respacings, classes,
 gamma) is read from its meta.json; the format is described in tests/golden/adm_tiny/README.md.
+
+Where a folder has ``reference_f64.safetensors`` (the reference loops rerun in float64), every probe
+and every trajectory step is judged against float64: fastguide's max-norm relative error may be at
+most twice the float32 reference's own error, plus 1e-6. The float32 reference's error is a sample:
+it depends on the machine that ran it (vector width, FMA, convolution kernels, thread count), and a
+max norm over thousands of pixels is set by the one pixel nearest a clip boundary. So it is taken
+as the larger of two samples when ADM's code is importable (the test dependency
+guided-diffusion-sdk): the folder's recorded float32 run, and ADM's own loop run here on the same
+weights and noise. (Measured on a 2-core AMD EPYC: the recorded run's error at one DDPM step was
+9.7e-7 where ADM's loop here, bit for bit the same as fastguide's torch backend, had 3.1e-6.) The
+worst ratio is reported at the end of the run. Folders without the float64 file keep the float32
+check (NET_RTOL, TRAJ_RTOL).
 """
 
 from __future__ import annotations
@@ -18,12 +30,15 @@ import torch
 from safetensors.torch import load_file
 
 import fastguide as fg
+from adm_reference import MISSING, adm_here
 from fastguide import ops
 from fastguide.adm import EncoderUNetModel, UNetModel, load_checkpoint
 
 GOLDEN_ROOT = Path(__file__).parent / "golden"
-NET_RTOL = 1e-5  # network outputs, gradients, entropies, scales (golden README)
-TRAJ_RTOL = 1e-4  # whole sampling trajectories (golden README)
+NET_RTOL = 1e-5  # float32 check: network outputs, gradients, entropies, scales (golden README)
+TRAJ_RTOL = 1e-4  # float32 check: whole sampling trajectories (golden README)
+F64_FACTOR, F64_FLOOR = 2.0, 1e-6  # error vs float64 ≤ 2 × the float32 reference's own + 1e-6
+WORST: dict[str, tuple[float, float, str]] = {}  # per test: worst (error / allowed, error / reference's, what)
 
 
 def golden_folders() -> list[Path]:
@@ -46,6 +61,8 @@ class Golden:
         self.folder = folder
         self.meta = json.loads((folder / "meta.json").read_text())
         self.ref = load_file(str(folder / "reference.safetensors"))
+        f64 = folder / "reference_f64.safetensors"
+        self.f64 = load_file(str(f64)) if f64.is_file() else None
         self.x_T, self.y = self.ref["x_T"], self.ref["y"]
         self.channels = self.x_T.shape[1]
         self.num_classes = self.meta["num_classes"]
@@ -121,6 +138,30 @@ def golden(folder: str) -> Golden:
     return Golden(Path(folder))
 
 
+def here(g: Golden):
+    """ADM's own code run here on g's weights (None where guided_diffusion is not importable)."""
+    return None if MISSING else adm_here(g)
+
+
+def assert_float64_parity(what: str, got: torch.Tensor, exact: torch.Tensor, references: dict) -> float:
+    """error(got) ≤ F64_FACTOR × max error(float32 reference runs) + F64_FLOOR, all against float64
+    (max-norm relative). Records the test's worst case for the report; returns error / allowed."""
+    err = rel_err(got, exact)
+    ref_errs = {name: rel_err(r, exact) for name, r in references.items() if r is not None}
+    ref = max(ref_errs.values())
+    used = err / (F64_FACTOR * ref + F64_FLOOR)
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+    if used > WORST.get(test, (-1.0,))[0]:
+        WORST[test] = (used, err / max(ref, F64_FLOOR), what)
+    detail = ", ".join(f"{n} {e:.3g}" for n, e in ref_errs.items())
+    if MISSING:  # one recorded float32 run is a thin yardstick on another CPU
+        detail += f"; ADM's loop was not run here: {MISSING}"
+    assert used <= 1, (
+        f"{what}: error against float64 {err:.3g} > {F64_FACTOR:g} × the float32 reference's ({detail}) + {F64_FLOOR:g}"
+    )
+    return used
+
+
 def _trajectory_cases() -> list:
     cases = []
     for folder in golden_folders():
@@ -146,7 +187,15 @@ def test_unet_output(folder, model):
     kwargs = {"y": g.y} if model == "cond" else {}
     with torch.no_grad():
         out = g.unets[model](g.x_T, g.probe_timesteps(), **kwargs)
-    assert rel_err(out, g.ref[f"probe_unet_{model}_out"]) <= NET_RTOL
+    key = f"probe_unet_{model}_out"
+    if g.f64 is None:
+        assert rel_err(out, g.ref[key]) <= NET_RTOL
+    else:
+        assert_float64_parity(key, out, g.f64[key], {"recorded": g.ref[key], "ADM here": probes_here(g, key)})
+
+
+def probes_here(g: Golden, key: str) -> torch.Tensor | None:
+    return None if here(g) is None else here(g).probes()[key]
 
 
 def backend_or_skip(name: str, op: str, *args) -> None:
@@ -167,11 +216,14 @@ def test_classifier_logits_gradient_entropy_and_eds_scale(folder, backend):
     backend_or_skip(backend, "softmax_entropy_scale", g.ref["probe_clf_logits"], g.y)
     with ops.use_backend(backend):
         out = fg.classifier_gradient(g.classifier, g.x_T, g.probe_timesteps(), g.y)
-    assert rel_err(out.logits, g.ref["probe_clf_logits"]) <= NET_RTOL
-    assert rel_err(out.grad, g.ref["probe_clf_grad"]) <= NET_RTOL
-    assert rel_err(out.entropy, g.ref["probe_entropy"]) <= NET_RTOL
     scale = fg.eds_scale(out.entropy, g.num_classes, g.meta["gamma"])
-    assert rel_err(scale, g.ref["probe_eds_scale"]) <= NET_RTOL
+    got = {"probe_clf_logits": out.logits, "probe_clf_grad": out.grad, "probe_entropy": out.entropy,
+           "probe_eds_scale": scale}  # fmt: skip
+    for key, value in got.items():
+        if g.f64 is None:
+            assert rel_err(value, g.ref[key]) <= NET_RTOL, key
+        else:
+            assert_float64_parity(key, value, g.f64[key], {"recorded": g.ref[key], "ADM here": probes_here(g, key)})
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
@@ -197,6 +249,9 @@ def test_guided_trajectory(folder, method, model, guidance, backend):
     noise = fg.FixedNoise(g.x_T, g.ref.get(f"{prefix}_noise"))  # DDIM with eta = 0 draws no noise
     with ops.use_backend(backend):
         result = sampler.sample(g.y, noise=noise, callback=lambda k, out, rec: steps.append(out.x_prev))
+    if g.f64 is not None:
+        check_trajectory_against_float64(g, prefix, steps, result)
+        return
     if f"{prefix}_traj" in g.ref:
         traj = g.ref[f"{prefix}_traj"]
         assert len(steps) == traj.shape[0]
@@ -205,6 +260,38 @@ def test_guided_trajectory(folder, method, model, guidance, backend):
     expected_x0 = g.ref[f"{prefix}_x0"]
     assert rel_err(result.images, expected_x0) <= TRAJ_RTOL
     assert rel_err(result.trace.scale, g.ref[f"{prefix}_scales"]) <= NET_RTOL
+
+
+def check_trajectory_against_float64(g: Golden, prefix: str, steps: list, result) -> None:
+    """Every recorded step, the result and the scales, each by assert_float64_parity."""
+    adm = None if here(g) is None else here(g).trajectory(*prefix.split("_"))
+    runs = {"recorded": g.ref, "ADM here": adm or {}}
+    if f"{prefix}_traj" in g.f64:
+        key = f"{prefix}_traj"
+        assert len(steps) == g.f64[key].shape[0]
+        for k, x in enumerate(steps):
+            refs = {name: run[key][k] for name, run in runs.items() if key in run}
+            assert_float64_parity(f"{prefix} step {k}", x, g.f64[key][k], refs)
+    for key, got in ((f"{prefix}_x0", result.images), (f"{prefix}_scales", result.trace.scale)):
+        assert_float64_parity(key, got, g.f64[key], {name: run.get(key) for name, run in runs.items()})
+
+
+@pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
+@pytest.mark.parametrize("folder, method, model, guidance", _trajectory_cases())
+def test_torch_backend_is_adms_own_loop_bit_for_bit_on_the_same_machine(folder, method, model, guidance):
+    """The README's "bit for bit": fastguide's torch backend and ADM's own p_sample_loop /
+    ddim_sample_loop (guided as classifier_sample.py), run here on the same weights and noise, give
+    identical trajectories and scales. (Against a folder's recorded float32 run this holds only on
+    a machine like the one that made it.)"""
+    g = golden(folder)
+    prefix = f"{method}_{model}_{guidance}"
+    steps = []
+    noise = fg.FixedNoise(g.x_T, g.ref.get(f"{prefix}_noise"))
+    with ops.use_backend("torch"):
+        result = g.sampler(method, model, guidance).sample(g.y, noise=noise, callback=lambda k, o, r: steps.append(o.x_prev))
+    adm = adm_here(g).trajectory(method, model, guidance)
+    assert torch.equal(torch.stack(steps), adm[f"{prefix}_traj"])
+    assert torch.equal(result.trace.scale, adm[f"{prefix}_scales"])
 
 
 def test_extra_golden_folders_are_collected(tmp_path):
