@@ -146,12 +146,16 @@ def _sample_plan(args) -> dict:
 class Staging:
     """Files are made in a hidden temporary folder and moved into ``out`` only when all of them exist.
 
-    On any error the temporary folder is removed and ``out`` is left as it was.
+    On any error the temporary folder is removed and ``out`` is left as it was. On success, the files
+    of an earlier ``fastguide sample`` run in ``out`` (those its run.json lists) that this run does not
+    replace are removed, so that ``out`` holds one run and its run.json describes all of it; other
+    files are left alone. ``removed`` names them.
     """
 
     def __init__(self, out: Path):
         self.out = out
         self.tmp = Path(tempfile.mkdtemp(dir=nearest_existing(out), prefix=".fastguide-staging-"))
+        self.removed: list[str] = []
 
     def path(self, name: str) -> Path:
         return self.tmp / name
@@ -162,11 +166,27 @@ class Staging:
     def __exit__(self, kind, value, tb) -> None:
         try:
             if kind is None:
+                earlier = earlier_run_files(self.out)
                 self.out.mkdir(parents=True, exist_ok=True)
-                for f in sorted(self.tmp.iterdir()):
+                new = sorted(self.tmp.iterdir())
+                for f in new:
                     os.replace(f, self.out / f.name)
+                self.removed = sorted(earlier - {f.name for f in new})
+                for name in self.removed:
+                    (self.out / name).unlink(missing_ok=True)
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def earlier_run_files(out: Path) -> set[str]:
+    """The files in ``out`` that an earlier ``fastguide sample`` run wrote, as its run.json lists them
+    (plain names of existing files only: nothing outside ``out`` is ever named)."""
+    try:
+        files = json.loads((out / "run.json").read_text())["files"].values()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {n for n in files if isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")
+            and (out / n).is_file()}  # fmt: skip
 
 
 def run_sample(args) -> None:
@@ -223,6 +243,8 @@ def run_sample(args) -> None:
             save_grad_maps(stage.path(names["grad_maps"]), gen, what, baseline, "constant s=1 (ADM)")
         stage.path(names["run"]).write_text(json.dumps(summary, indent=1) + "\n")
     print(f"{n} samples ({what}) in {seconds:.1f} s")
+    if stage.removed:
+        print(f"  (removed the earlier run's {', '.join(stage.removed)} from {out})")
     for name in names.values():
         print(f"  {out / name}")
 

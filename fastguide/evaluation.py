@@ -17,6 +17,8 @@ The reference set is the held-out split of MNIST 5k (500 images) unless another 
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,12 +38,16 @@ def load_npz(path: str | os.PathLike, what: str = "samples") -> tuple[np.ndarray
         ValueError: not an npz, no ``arr_0``, wrong dtype or shape, labels that do not match.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} file {str(path)!r} is a folder, not an .npz file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):  # np.load would try a .npy, then a pickle, and say "pickled data"
+        raise ValueError(f"{what} file {str(path)!r} is not an .npz file (not a zip archive, or cut short)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (ValueError, OSError, EOFError) as err:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise ValueError(f"{what} file {str(path)!r} is not a readable .npz ({err})") from None
     if "arr_0" not in arrays:
         raise ValueError(f"{what} file {str(path)!r} has no arr_0 (found {sorted(arrays)})")

@@ -1,23 +1,52 @@
-"""Writing files so that none is ever half-written."""
+"""Writing files so that none is ever half-written, with the permissions the user's umask gives."""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 
+def _unique_sibling(parent: Path, prefix: str, suffix: str, create: Callable[[Path], None]) -> Path:
+    """``create(parent / (prefix + random + suffix))`` for a name that does not exist yet; returns it."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            create(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no unused temporary name in {str(parent)!r}")
+
+
+def _create_file(path: Path) -> None:
+    # 0o666 & ~umask, as open() gives; tempfile.mkstemp would make it 0o600 whatever the umask
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new empty folder under ``parent`` with mode 0o777 & ~umask (``tempfile.mkdtemp`` gives 0o700,
+    which a folder renamed into place, such as a checkpoint, would keep)."""
+    return _unique_sibling(Path(parent), prefix, "", lambda p: os.mkdir(p, 0o777))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file next to ``path``, then rename it to ``path``."""
+    """``write(tmp)`` to a temporary file next to ``path``, then rename it to ``path``.
+
+    The file gets the mode a plain ``open(path, "w")`` would (0o666 & ~umask); on any error the
+    temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
+    tmp = _unique_sibling(path.parent, f".{path.stem}.", path.suffix, _create_file)
+    mode = stat.S_IMODE(tmp.stat().st_mode)  # what the umask made of 0o666
     try:
-        write(Path(tmp))
+        write(tmp)
+        os.chmod(tmp, mode)  # a writer may have replaced the file with its own (safetensors: 0o600)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -119,6 +119,14 @@ def _check_finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be finite, got {value!r}")
 
 
+def _check_strength(name: str, value: float) -> None:
+    """A guidance strength: finite and >= 0. A negative one would push samples away from the class
+    they are labelled with (and saved as)."""
+    _check_finite(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 (a negative scale guides away from the target class), got {value!r}")
+
+
 @dataclass(frozen=True)
 class NoGuidance:
     """No classifier guidance: the classifier is never called and samples are unguided."""
@@ -134,7 +142,7 @@ class Constant:
     scale: float = 1.0  # the constant s
 
     def __post_init__(self):
-        _check_finite("scale", self.scale)
+        _check_strength("scale", self.scale)
 
     def __call__(self, state: GuidanceState) -> torch.Tensor:
         return _full(state, self.scale)
@@ -154,7 +162,7 @@ class EntropyDriven:
     max_scale: float | None = None  # optional upper bound on s
 
     def __post_init__(self):
-        _check_finite("gamma", self.gamma)
+        _check_strength("gamma", self.gamma)
         if not (self.entropy_floor > 0 and math.isfinite(self.entropy_floor)):
             raise ValueError(f"entropy_floor must be a positive number, got {self.entropy_floor!r}")
         if self.max_scale is not None and not self.max_scale > 0:
@@ -185,8 +193,8 @@ class ConstantRange:
     base: float = 1.0  # the scale for t > t_max
 
     def __post_init__(self):
-        _check_finite("c", self.c)
-        _check_finite("base", self.base)
+        _check_strength("c", self.c)
+        _check_strength("base", self.base)
 
     def __call__(self, state: GuidanceState) -> torch.Tensor:
         late = state.t.to(state.entropy.device) <= self.t_max
@@ -200,7 +208,7 @@ class TimestepAware:
     c: float = 1.0  # the constant C
 
     def __post_init__(self):
-        _check_finite("c", self.c)
+        _check_strength("c", self.c)
 
     def __call__(self, state: GuidanceState) -> torch.Tensor:
         remaining = (state.num_timesteps - state.t.to(state.entropy.device)).float()
@@ -219,8 +227,8 @@ class GradientNorm:
     base: float = 1.0  # the scale for gradients at or above M
 
     def __post_init__(self):
-        _check_finite("c", self.c)
-        _check_finite("base", self.base)
+        _check_strength("c", self.c)
+        _check_strength("base", self.base)
         if not self.threshold >= 0:
             raise ValueError(f"threshold must be >= 0, got {self.threshold!r}")
 

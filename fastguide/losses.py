@@ -46,8 +46,8 @@ def ect_loss(logits: torch.Tensor, y: torch.Tensor, eta: float) -> torch.Tensor:
     Returns:
         scalar loss.
     """
-    if not math.isfinite(eta):
-        raise ValueError(f"eta must be finite, got {eta!r}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
     terms = ect_terms(logits, y)
     if eta == 0:
         return terms.ce.mean()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .adm.checkpoint import load_state_dict
+from .adm.checkpoint import load_checkpoint
 from .adm.configs import ClassifierFlags, ModelFlags
 
 
@@ -71,13 +71,12 @@ def load_run(path: str | os.PathLike, weights: str = "auto") -> nn.Module:
         weights: "auto" (EMA weights when present, else the model's), "ema" or "model".
     Raises:
         FileNotFoundError: no config.json or no requested weights in ``path``.
-        ValueError: a config without ADM flags, or an unknown ``weights`` choice.
+        ValueError: a config without ADM flags, an unknown ``weights`` choice, or weights that cannot be
+            read or do not fit the config's architecture.
     """
     path = Path(path)
     if weights not in ("auto", "ema", "model"):
         raise ValueError(f"weights must be 'auto', 'ema' or 'model', got {weights!r}")
     flags = run_flags(path)
     stem = "ema" if weights == "ema" or (weights == "auto" and (path / "ema.safetensors").is_file()) else "model"
-    model = flags.build()
-    model.load_state_dict(load_state_dict(path / f"{stem}.safetensors"), strict=True)
-    return model.eval()
+    return load_checkpoint(flags.build(), path / f"{stem}.safetensors").eval()

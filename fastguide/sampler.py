@@ -249,10 +249,26 @@ class GuidedSampler:
             return
         bad = _first_bad_sample(value)
         if bad is not None:
-            t = self.schedule.timestep_map[self.schedule.num_steps - 1 - step]
             v = value[bad].reshape(-1)
             v = v[~torch.isfinite(v)][0].item()
-            raise FloatingPointError(f"{what} is {v} for sample {bad} at step {step} (t={t})")
+            raise FloatingPointError(f"{what} is {v} for sample {bad} at step {step} (t={self._t_at(step)})")
+
+    def _t_at(self, step: int) -> int:
+        return self.schedule.timestep_map[self.schedule.num_steps - 1 - step]
+
+    def _check_logits(self, logits: torch.Tensor, step: int) -> None:
+        """Every sample's logits define p(y|x_t): no NaN, no +inf, and some class above −inf (a class at −inf
+        alone is allowed: p = 0). Else a FloatingPointError that names the classifier, the sample and the step."""
+        ok = ~(logits.isnan() | (logits == math.inf)).any(dim=1) & (logits > -math.inf).any(dim=1)
+        if bool(ok.all()):
+            return
+        bad = int((~ok).nonzero()[0, 0])
+        row = logits[bad]
+        cause = "nan" if row.isnan().any() else "inf" if (row == math.inf).any() else "-inf for every class"
+        raise FloatingPointError(
+            f"classifier logits are {cause} for sample {bad} at step {step} (t={self._t_at(step)}): "
+            "p(y|x_t), its entropy and the guidance scale are undefined"
+        )
 
     def _guidance(self, x, t_model, t_orig, y, step):
         """(raw gradient, scale, record); gradient and scale are None when guidance is off."""
@@ -261,12 +277,15 @@ class GuidedSampler:
         out: ClassifierOutput = classifier_gradient(self.classifier, x, t_model, y)
         if self.num_classes is not None and out.logits.shape[1] != self.num_classes:
             raise ValueError(f"classifier returned {out.logits.shape[1]} logits; expected {self.num_classes}")
-        self._check("classifier logits", out.logits.masked_fill(out.logits == -math.inf, 0), step)
+        if self.config.check_finite:
+            self._check_logits(out.logits, step)
         state = guidance_state(out, t_orig, self.schedule.num_original_timesteps)
         scale = torch.as_tensor(self.policy(state), dtype=torch.float32, device=x.device).detach()
         if scale.shape != (x.shape[0],):
             raise ValueError(f"policy returned a scale of shape {tuple(scale.shape)}; expected ({x.shape[0]},)")
-        self._check("guidance scale", scale, step, always=True)
+        if _first_bad_sample(scale) is not None:  # the classifier's fault, or else the policy's
+            self._check_logits(out.logits, step)
+            self._check("guidance scale", scale, step, always=True)
         self._warn_entropy_floor(state, step)
         self._check("classifier gradient", out.grad, step)
         return out.grad, scale, StepRecord(t_orig, out.entropy, scale, state.grad_norm, out.log_prob.exp())

@@ -232,8 +232,15 @@ def test_guidance_policy_without_classifier_is_rejected():
 @pytest.mark.parametrize(
     "make_policy, match",
     [(lambda: fg.EntropyDriven(entropy_floor=0), r"entropy_floor.*\b0\b"), (lambda: fg.Constant(math.nan), "nan"),
-     (lambda: fg.EntropyDriven(gamma=math.inf), "inf"), (lambda: fg.GradientNorm(threshold=-1.0), "-1")],
-    ids=["eds-floor-0", "constant-nan", "eds-gamma-inf", "gradnorm-negative-threshold"],
+     (lambda: fg.EntropyDriven(gamma=math.inf), "inf"), (lambda: fg.GradientNorm(threshold=-1.0), "-1"),
+     (lambda: fg.EntropyDriven(gamma=-1), r"gamma must be >= 0 .*got -1"),
+     (lambda: fg.Constant(-0.5), r"scale must be >= 0 .*got -0.5"),
+     (lambda: fg.ConstantRange(c=-2.0), r"c must be >= 0 .*got -2.0"),
+     (lambda: fg.ConstantRange(base=-1.0), r"base must be >= 0 .*got -1.0"),
+     (lambda: fg.TimestepAware(c=-0.01), r"c must be >= 0 .*got -0.01"),
+     (lambda: fg.GradientNorm(c=-3.0), r"c must be >= 0 .*got -3.0")],
+    ids=["eds-floor-0", "constant-nan", "eds-gamma-inf", "gradnorm-negative-threshold", "eds-negative-gamma",
+         "constant-negative", "range-negative-c", "range-negative-base", "timestep-negative", "gradnorm-negative"],
 )  # fmt: skip
 def test_bad_policy_parameters_are_rejected(make_policy, match):
     with pytest.raises(ValueError, match=match):
@@ -255,6 +262,38 @@ def test_nan_logits_from_classifier_name_the_sample():
     s = make(clf=CountingClassifier(nan_sample=1), policy=fg.EntropyDriven())
     with pytest.raises(FloatingPointError, match=r"classifier.*nan.*sample 1 at step 0"):
         s.sample([0, 1], seeds=[0, 1])
+
+
+class MinusInfClassifier(CountingClassifier):
+    """Gives sample 1 a logit of −inf for every class: p(y|x_t) is undefined."""
+
+    def forward(self, x, t):
+        logits = super().forward(x, t).clone()
+        logits[1] = -math.inf
+        return logits
+
+
+@pytest.mark.parametrize(
+    "policy, check_finite",
+    # a scale that depends on p (EDS) fails even unchecked; a constant one only where logits are checked
+    [(fg.EntropyDriven(), True), (fg.EntropyDriven(), False), (fg.Constant(1.0), True)],
+    ids=["eds", "eds-unchecked", "constant"],
+)
+def test_all_minus_inf_logits_name_the_classifier(policy, check_finite):
+    s = make(clf=MinusInfClassifier(), policy=policy, config=dict(check_finite=check_finite))
+    with pytest.raises(FloatingPointError, match=r"^classifier logits are -inf for every class for sample 1 at step 0"):
+        s.sample([0, 1], seeds=[0, 1])
+
+
+def test_minus_inf_for_some_classes_is_allowed():
+    class SomeMinusInf(CountingClassifier):
+        def forward(self, x, t):
+            logits = super().forward(x, t).clone()
+            logits[:, :2] = -math.inf
+            return logits
+
+    result = make(clf=SomeMinusInf(), policy=fg.EntropyDriven()).sample([2, 3], seeds=[0, 1])
+    assert torch.isfinite(result.images).all()
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan])

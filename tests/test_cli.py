@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -64,6 +65,8 @@ def test_sample_is_the_library_sampler_with_the_same_seeds(tmp_path):
         (["--respacing", "ddim7000"], "7000"),
         (["--eta", "2"], "eta must be in [0, 1]"),
         (["--scale", "nan"], "gamma"),
+        (["--scale", "-1"], "gamma must be >= 0 (a negative scale guides away from the target class), got -1.0"),
+        (["--policy", "constant", "--scale", "-2"], "scale must be >= 0"),
         (["--model", "nowhere"], "'nowhere' is neither"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
         (["--threshold", "1"], "threshold applies to the gradient-norm policy only"),
@@ -176,11 +179,29 @@ def test_evaluate_scores_a_written_npz_and_writes_json(tmp_path, capsys):
     assert bad["fid"] > 10 * scores["fid"] and bad["precision"] == 0.0 and bad["class_accuracy"] <= 0.2
 
 
+def _valid_npz(path):
+    np.savez(path, np.zeros((20, 32, 32, 1), np.uint8), np.arange(20) % 10)
+    return path
+
+
+def _cut(path, fraction):
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * fraction)])
+
+
+def _garble(path):
+    data = bytearray(path.read_bytes())
+    data[300:340] = b"x" * 40  # inside arr_0's bytes; the zip directory at the end is intact
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
         (lambda p: None, "does not exist"),
-        (lambda p: p.write_text("junk"), "is not a readable .npz"),
+        (lambda p: p.write_text("junk"), "is not an .npz file (not a zip archive, or cut short)"),
+        (lambda p: p.mkdir(), "s.npz' is a folder, not an .npz file"),
+        (lambda p: _cut(_valid_npz(p), 0.5), "is not an .npz file (not a zip archive, or cut short)"),
+        (lambda p: _garble(_valid_npz(p)), "is not a readable .npz (Bad CRC-32 for file 'arr_0.npy')"),
         (lambda p: np.savez(p, np.zeros((5, 32, 32, 1), np.float32)), "must be uint8"),
         (lambda p: np.savez(p, np.zeros((5, 28, 28, 1), np.uint8)), "28x28"),
         (lambda p: np.savez(p, np.zeros((3, 32, 32, 1), np.uint8)), "need more than 3 samples"),
@@ -251,3 +272,78 @@ def test_python_dash_m_and_console_script_agree(tmp_path):
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--count" in bad.stderr
     assert _files(tmp_path) == []
+
+
+def test_a_damaged_reference_npz_is_one_line(tmp_path, capsys):
+    ref = _valid_npz(tmp_path / "ref.npz")
+    _cut(ref, 0.6)
+    assert main(["evaluate", str(_valid_npz(tmp_path / "s.npz")), "--ref", str(ref)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fastguide evaluate: error: reference file {str(ref)!r} is not an .npz file (not a zip archive, or cut short)\n"
+
+
+def _damaged_run(folder, name, how):
+    """A copy of the embedded run ``name`` whose model.safetensors is cut short or holds another network's weights."""
+    import shutil
+
+    from fastguide.pretrained import embedded_dir
+
+    shutil.copytree(embedded_dir(name), folder)
+    weights = folder / "model.safetensors"
+    if how == "truncated":
+        _cut(weights, 0.5)
+    else:
+        shutil.copy(embedded_dir("classifier_ce" if name == "cadm" else "uadm") / "model.safetensors", weights)
+    return folder
+
+
+@pytest.mark.parametrize("flag, name, net", [("--model", "cadm", "UNetModel"), ("--classifier", "classifier_ect", "EncoderUNetModel")])
+@pytest.mark.parametrize("how", ["truncated", "mismatched"])
+def test_damaged_run_weights_are_one_line_and_write_nothing(tmp_path, capsys, flag, name, net, how):
+    run = _damaged_run(tmp_path / "run", name, how)
+    out = tmp_path / "out"
+    assert main(["sample", "--out", str(out), *TINY, flag, str(run)]) == 2
+    err = capsys.readouterr().err
+    weights = repr(str(run / "model.safetensors"))
+    expected = {"truncated": f"{weights} is not a readable safetensors file (",
+                "mismatched": f"{weights} does not fit the {net}: "}[how]  # fmt: skip
+    assert err.startswith(f"fastguide sample: error: {expected}") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_load_checkpoint_raises_the_value_error_it_documents(tmp_path):
+    from fastguide.adm import load_checkpoint
+    from fastguide.pretrained import embedded_dir, run_flags
+
+    run = _damaged_run(tmp_path / "run", "classifier_ce", "truncated")
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        load_checkpoint(run_flags(run).build(), run / "model.safetensors")
+    with pytest.raises(ValueError, match=r"does not fit the EncoderUNetModel: \d+ missing: .*; \d+ unexpected"):
+        load_checkpoint(run_flags(run).build(), embedded_dir("cadm") / "model.safetensors")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_sample_outputs_get_the_users_umask(tmp_path, umask):
+    out = tmp_path / "o"
+    old = os.umask(umask)
+    try:
+        assert main(["sample", "--out", str(out), *TINY, "--grad_maps", "1"]) == 0
+        assert main(["evaluate", str(out / "samples_4x32x32x1.npz"), "--json", str(out / "scores.json")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_sampling_again_into_a_folder_replaces_the_earlier_run(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["sample", "--out", str(out), *TINY, "--grad_maps", "1"]) == 0
+    (out / "notes.txt").write_text("the user's own file")
+    capsys.readouterr()
+    assert main(["sample", "--out", str(out), "--classes", "3", "--count", "1", "--respacing", "ddim4", "--quiet",
+                 "--policy", "none"]) == 0  # fmt: skip
+    assert _files(out) == ["grid.png", "notes.txt", "run.json", "samples_1x32x32x1.npz"]
+    run = json.loads((out / "run.json").read_text())
+    assert sorted(run["files"].values()) == ["grid.png", "run.json", "samples_1x32x32x1.npz"]
+    assert "removed the earlier run's grad_maps.png, samples_4x32x32x1.npz, trace.png" in capsys.readouterr().out

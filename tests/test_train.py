@@ -7,6 +7,8 @@ import dataclasses
 import json
 import os
 import pickle
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +195,94 @@ def test_old_checkpoints_are_pruned_but_latest_kept(tmp_path):
         ckpt.write_checkpoint(root, step, {"model": {"w": torch.full((1,), float(step))}}, {"step": step}, {}, keep=2)
     assert sorted(p.name for p in root.glob("step_*")) == ["step_0000003", "step_0000004"]
     assert ckpt.latest_checkpoint(root).name == "step_0000004"
+
+
+def _steps(out_dir, name) -> list[int]:
+    return [json.loads(line)["step"] for line in (Path(out_dir) / name).read_text().splitlines()]
+
+
+def test_resume_passes_over_a_checkpoint_with_truncated_weights(tmp_path, small_sets):
+    full = run_clf(tmp_path / "full", small_sets, iterations=6, save_interval=2)
+    part = run_clf(tmp_path / "part", small_sets, iterations=4, save_interval=2)
+    newest = ckpt.latest_checkpoint(part.out_dir)
+    assert newest.name == "step_0000004"
+    weights_file = newest / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:1000])  # cut short (a full disk, a bad copy)
+    with pytest.warns(UserWarning, match=r"step_0000004.*model.safetensors.*is damaged.*resuming from .*step_0000002"):
+        resumed = run_clf(tmp_path / "part", small_sets, iterations=6, save_interval=2)
+    assert resumed.step == 6
+    assert_same_weights(weights(full), weights(resumed))
+    assert _steps(resumed.out_dir, "train.jsonl") == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_every_checkpoint_damaged_names_each(tmp_path, small_sets):
+    part = run_clf(tmp_path, small_sets, iterations=4, save_interval=2)
+    for folder in sorted(Path(part.out_dir, "checkpoints").glob("step_*")):
+        state = folder / "state.pt"
+        state.write_bytes(state.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"no readable checkpoint.*step_0000004.*state.pt.*step_0000002.*state.pt"):
+        run_clf(tmp_path, small_sets, iterations=6, save_interval=2)
+
+
+def test_rerunning_a_finished_run_writes_no_duplicate_log_rows(tmp_path, small_sets):
+    first = run_clf(tmp_path, small_sets, iterations=3, eval_interval=2)
+    train_log = (Path(first.out_dir) / "train.jsonl").read_text()
+    eval_rows = _steps(first.out_dir, "eval.jsonl")
+    assert sorted(set(eval_rows)) == [2, 3]  # step 2 and the final evaluation, a row per t bucket
+    again = run_clf(tmp_path, small_sets, iterations=3, eval_interval=2)
+    assert again.step == 3
+    assert (Path(again.out_dir) / "train.jsonl").read_text() == train_log
+    assert _steps(again.out_dir, "eval.jsonl") == eval_rows
+
+
+def test_resuming_drops_the_log_rows_written_after_the_checkpoint(tmp_path, small_sets):
+    """A run killed after logging step 3 but before its step-4 checkpoint resumes at step 2: the rows of
+    step 3 are written again, once; so are its evaluations. A row cut short by the kill is dropped."""
+    full = run_clf(tmp_path / "full", small_sets, iterations=4, save_interval=2, eval_interval=1)
+    run = run_clf(tmp_path / "run", small_sets, iterations=4, save_interval=2, eval_interval=1)
+    root = Path(run.out_dir) / "checkpoints"
+    shutil.rmtree(root / "step_0000004")
+    (root / "latest").write_text("step_0000002\n")
+    with open(Path(run.out_dir) / "train.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    resumed = run_clf(tmp_path / "run", small_sets, iterations=4, save_interval=2, eval_interval=1)
+    assert _steps(resumed.out_dir, "train.jsonl") == [1, 2, 3, 4]
+    assert _steps(resumed.out_dir, "eval.jsonl") == _steps(full.out_dir, "eval.jsonl")
+    assert losses(resumed.out_dir) == losses(full.out_dir)
+
+
+def test_starting_over_with_resume_none_clears_the_logs(tmp_path, small_sets):
+    run_clf(tmp_path, small_sets, iterations=3)
+    again = run_clf(tmp_path, small_sets, iterations=2, resume="none")
+    assert _steps(again.out_dir, "train.jsonl") == [1, 2]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_weights_and_checkpoints_get_the_users_umask(tmp_path, small_sets, umask):
+    old = os.umask(umask)
+    try:
+        result = run_clf(tmp_path, small_sets, iterations=2, save_interval=2)
+    finally:
+        os.umask(old)
+    out = Path(result.out_dir)
+    step = ckpt.latest_checkpoint(out)
+    for path in (out / "model.safetensors", step / "model.safetensors", step / "state.pt", out / "train.jsonl"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+    assert stat.S_IMODE(step.stat().st_mode) == 0o777 & ~umask
+
+
+def test_negative_eta_is_refused_before_any_work(tmp_path, capsys):
+    from fastguide.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train-classifier", "--eta", "-1", "--iterations", "1", "--out_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == "fastguide train-classifier: error: eta must be a number >= 0 (0 = cross-entropy, the paper's ECT 0.2), got -1.0\n"
+    assert not out.exists()
+    with pytest.raises(ValueError, match="eta must be a number >= 0"):
+        clf_config(tmp_path, eta=-0.1).validate(1)
+    with pytest.raises(ValueError, match="ema_rate must be in"):
+        DiffusionTrainConfig(out_dir=str(out), ema_rate=1.5).validate(1)
 
 
 class _Payload:

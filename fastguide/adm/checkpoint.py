@@ -27,7 +27,10 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device=str(map_location))
+        try:
+            state = load_file(str(path), device=str(map_location))
+        except Exception as err:  # safetensors' own SafetensorError: a truncated or garbled file
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file ({err})") from None
     elif path.suffix in _PICKLE_SUFFIXES:
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
@@ -41,6 +44,32 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Load an ADM checkpoint into ``model`` (strict by default) and return the model."""
-    model.load_state_dict(load_state_dict(path), strict=strict)
+    """Load an ADM checkpoint into ``model`` (strict by default) and return the model.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file cannot be read (see :func:`load_state_dict`), or its tensors do not fit
+            ``model`` (missing or unexpected keys, other shapes); the message names the file and the
+            first mismatches.
+    """
+    state = load_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError:
+        raise ValueError(f"{str(path)!r} does not fit the {type(model).__name__}: {mismatch(model, state)}") from None
     return model
+
+
+def mismatch(model: nn.Module, state: dict[str, torch.Tensor], show: int = 3) -> str:
+    """One line on how a state_dict differs from a model's: missing and unexpected keys, other shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]  # fmt: skip
+    parts = []
+    for what, items in (("missing", missing), ("unexpected", unexpected), ("other shapes (file vs model)", shapes)):
+        if items:
+            more = f" and {len(items) - show} more" if len(items) > show else ""
+            parts.append(f"{len(items)} {what}: {', '.join(items[:show])}{more}")
+    return "; ".join(parts) or "tensors that do not fit"

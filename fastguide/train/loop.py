@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..files import atomic_write
 from .data import random_flip
-from .checkpoint import latest_checkpoint, read_checkpoint, write_checkpoint
+from .checkpoint import load_latest_checkpoint, read_checkpoint, write_checkpoint
 from .distributed import DistState
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -204,6 +204,22 @@ def _append_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def _drop_rows(path: Path, drop: Callable[[dict], bool]) -> None:
+    """Rewrite a .jsonl file (atomically) without the rows for which ``drop(row)`` is true."""
+    if not path.is_file():
+        return
+    def keep(line: str) -> bool:
+        try:
+            return not drop(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash while it was appended
+            return False
+
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if keep(line)]
+    if len(kept) != len(lines):
+        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+
 def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
     """Write a safetensors file atomically (temporary file, then rename)."""
     from safetensors.torch import save_file
@@ -252,23 +268,27 @@ class Trainer:
 
     # ---- checkpoints ----
 
-    def _resume_path(self) -> Path | None:
+    def _checkpoint(self):
+        """(folder, weights, state) to resume from, or None to start at step 0."""
         r = self.cfg.resume
         if r == "none":
             return None
         if r == "auto":
-            return latest_checkpoint(self.out_dir)
+            return load_latest_checkpoint(self.out_dir)
         path = Path(r)
-        found = latest_checkpoint(path) or (path if (path / "state.pt").is_file() else None)
+        found = load_latest_checkpoint(path)
+        if found is None and (path / "state.pt").is_file():
+            found = (path, *read_checkpoint(path))
         if found is None:
             raise ValueError(f"--resume {r!r}: no checkpoint found there")
         return found
 
     def restore(self) -> None:
-        path = self._resume_path()
-        if path is None:
+        found = self._checkpoint()
+        if found is None:
+            self._forget_logs_after(0)
             return
-        weights, state = read_checkpoint(path)
+        path, weights, state = found
         self.model.load_state_dict(weights["model"], strict=True)
         if self.ema is not None:
             if "ema" not in weights:
@@ -287,8 +307,18 @@ class Trainer:
                 f"checkpoint was written by {len(rngs)} ranks, this run has {self.dist.world_size}: "
                 "in-model randomness (dropout) is re-seeded, so the run will not match an uninterrupted one"
             )
+        self._forget_logs_after(self.step)
         if self.dist.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
+
+    LOGS = ("train.jsonl", "eval.jsonl")
+
+    def _forget_logs_after(self, step: int) -> None:
+        """Drop the log rows of steps after ``step`` (written before an interruption, or by an earlier run in
+        this out_dir): they are about to be written again."""
+        if self.dist.is_main:
+            for name in self.LOGS:
+                _drop_rows(self.out_dir / name, lambda row: row.get("step", 0) > step)
 
     def save(self) -> None:
         rngs = self.dist.all_gather_object(_rng_state(self.dist.device))
@@ -366,6 +396,8 @@ class Trainer:
             self.model.eval()
             rows = self.task.evaluate(self.model, self.val_set, self.dist.device)
             self.model.train()
+            # the final evaluation of a run started again after it had finished replaces the earlier one
+            _drop_rows(self.out_dir / "eval.jsonl", lambda row: row.get("step") == self.step)
             for row in rows:
                 _append_jsonl(self.out_dir / "eval.jsonl", {"step": self.step, **row})
         self.dist.barrier()

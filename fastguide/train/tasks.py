@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,11 @@ class ClassifierTrainConfig(TrainConfig):
     noised: bool = True  # train on x_t ~ q(x_t|x_0) at uniform t; False = clean images at t = 0
     model: ClassifierFlags = DEFAULT_CLASSIFIER  # architecture, as ADM's classifier flags
 
+    def validate(self, world_size: int) -> None:
+        super().validate(world_size)
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            raise ValueError(f"eta must be a number >= 0 (0 = cross-entropy, the paper's ECT 0.2), got {self.eta}")
+
 
 @dataclass(frozen=True)
 class DiffusionTrainConfig(TrainConfig):
@@ -48,6 +54,13 @@ class DiffusionTrainConfig(TrainConfig):
     ema_rate: float = 0.9999  # EMA decay of the weights
     lambda_vlb: float = 0.001  # λ of L_hybrid = L_simple + λ L_vlb (learned sigma only)
     model: ModelFlags = DEFAULT_UNET  # architecture, as ADM's model flags
+
+    def validate(self, world_size: int) -> None:
+        super().validate(world_size)
+        if not 0 <= self.ema_rate < 1:
+            raise ValueError(f"ema_rate must be in [0, 1), got {self.ema_rate}")
+        if not (math.isfinite(self.lambda_vlb) and self.lambda_vlb >= 0):
+            raise ValueError(f"lambda_vlb must be a number >= 0, got {self.lambda_vlb}")
 
 
 def training_schedule(cfg: TrainConfig) -> Schedule:
@@ -247,6 +260,7 @@ def _reject_fp16_weights(config) -> None:
 def _train(config, kind: str, model, train_set, val_set) -> TrainResult:
     _reject_fp16_weights(config)
     dist = init_distributed(config.device)
+    config.validate(dist.world_size)  # before any data is read or folder made
     if train_set is None:
         train_set, default_val = load_datasets(config)
         val_set = default_val if val_set is None else val_set
