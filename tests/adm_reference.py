@@ -2,13 +2,16 @@
 ``guided-diffusion-sdk``) run on this machine, on a golden folder's weights, inputs and recorded noise.
 
 A golden folder's ``reference.safetensors`` was made by the same code on another machine: float32
-results depend on the CPU (vector width, FMA, the convolution kernels chosen) and the thread count, so
-this machine's run of the reference is the one fastguide can be compared with bit for bit, and a
-second sample of the reference's float32 error against ``reference_f64.safetensors``.
+results depend on the CPU (vector width, FMA, the convolution kernels chosen), the thread count and
+the memory format, so the reference's float32 error against ``reference_f64.safetensors`` is a
+sample of a distribution, not one number. :data:`VARIANTS` are equally valid float32 runs of the
+reference here (this process's thread count, another thread count, channels-last weights); the
+first is the run fastguide's torch backend can be compared with bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from unittest import mock
@@ -38,11 +41,32 @@ class _Model(torch.nn.Module):
         return self.net(x, t, y) if self.cond else self.net(x, t)
 
 
-class AdmHere:
-    """ADM's networks, diffusion and guided loops for one golden folder, run here in float32."""
+@contextlib.contextmanager
+def _threads(n: int | None):
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
-    def __init__(self, golden):
+
+# name -> (threads or None for this process's, channels-last weights)
+VARIANTS = {
+    "ADM here": (None, False),
+    "ADM here, other thread count": (1 if torch.get_num_threads() > 1 else 2, False),
+    "ADM here, channels-last": (None, True),
+}
+
+
+class AdmHere:
+    """ADM's networks, diffusion and guided loops for one golden folder, run here in float32 as the
+    variant ``variant`` of :data:`VARIANTS` says."""
+
+    def __init__(self, golden, variant: str = "ADM here"):
         self.g, self.meta = golden, golden.meta
+        self.threads, channels_last = VARIANTS[variant]
         folder = golden.folder
         self.unets = {}
         for name, cond in (("uncond", False), ("cond", True)):
@@ -59,6 +83,9 @@ class AdmHere:
         clf = EncoderUNetModel(out_channels=golden.num_classes, pool=cfg.get("pool", "adaptive"), **golden._unet_kwargs(cfg))
         clf.load_state_dict(load_file(str(folder / "classifier.safetensors")))
         self.classifier = clf.eval()
+        if channels_last:
+            for net in (*self.unets.values(), self.classifier):
+                net.to(memory_format=torch.channels_last)
 
     def diffusion(self, method: str) -> SpacedDiffusion:
         m = self.meta
@@ -88,8 +115,13 @@ class AdmHere:
         entropy = -(log_probs.exp() * log_probs).sum(-1)  # the EDS release's s = γ·log K / H
         return gamma * math.log(self.g.num_classes) / entropy
 
+    @functools.cache
     def probes(self) -> dict[str, torch.Tensor]:
         """The float32 probes of reference.safetensors, computed here."""
+        with _threads(self.threads):
+            return self._probes()
+
+    def _probes(self) -> dict[str, torch.Tensor]:
         g = self.g
         x, t, y = g.x_T, g.probe_timesteps(), g.y
         with torch.no_grad():
@@ -124,7 +156,7 @@ class AdmHere:
         diffusion = self.diffusion(method)
         loop = diffusion.p_sample_loop_progressive if method == "ddpm" else diffusion.ddim_sample_loop_progressive
         extra = {"eta": self.meta.get("ddim_eta", 0.0)} if method == "ddim" else {}
-        with mock.patch("torch.randn_like", noise_like):
+        with mock.patch("torch.randn_like", noise_like), _threads(self.threads):
             steps = [
                 out["sample"]
                 for out in loop(
@@ -137,5 +169,5 @@ class AdmHere:
 
 
 @functools.cache
-def adm_here(golden) -> AdmHere:
-    return AdmHere(golden)
+def adm_here(golden, variant: str = "ADM here") -> AdmHere:
+    return AdmHere(golden, variant)

@@ -29,6 +29,7 @@ U32 = 2.0**-24  # unit roundoff of float32
 TINY = 2.0**-126  # smallest normal float32: the absolute error an underflow (or flush to zero) can add
 EXP_ULPS = 4.0  # exp: libm and Sleef are within 1 ulp (2u), CUDA's fast exp within 2 ulp
 DIV_ULPS = 2.0  # division: exact rounding on CPUs, within 2 ulp for CUDA's approximate division
+LOG_ABS = 2.0**-22  # log: CUDA's fast log2 errs by up to 2^-22.6 absolutely where the result is near 0
 
 
 def _times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -208,7 +209,7 @@ def softmax_entropy_bound(logits, y, gamma=1.0, entropy_floor=1e-6, max_scale=0.
     S = w.sum(-1, keepdim=True)
     e_S = e_w.sum(-1, keepdim=True) + (K - 1) * u * S
     log_S = S.log()
-    e_log_S = e_S / (S - e_S).clamp_min(TINY) + 2 * u * log_S
+    e_log_S = e_S / (S - e_S).clamp_min(TINY) + 2 * u * log_S + LOG_ABS
     lp = torch.where(none, zero, d - log_S)
     e_lp = torch.where(none, zero, e_d + e_log_S + u * lp.abs())
     p = lp.exp().masked_fill(none, 0.0)
