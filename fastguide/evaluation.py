@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import metrics
+from .files import require_file
 
 BATCH = 250
 
@@ -37,11 +38,7 @@ def load_npz(path: str | os.PathLike, what: str = "samples") -> tuple[np.ndarray
         FileNotFoundError: no such file.
         ValueError: not an npz, no ``arr_0``, wrong dtype or shape, labels that do not match.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{what} file {str(path)!r} is a folder, not an .npz file")
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
+    path = require_file(path, f"{what} file")
     if not zipfile.is_zipfile(path):  # np.load would try a .npy, then a pickle, and say "pickled data"
         raise ValueError(f"{what} file {str(path)!r} is not an .npz file (not a zip archive, or cut short)")
     try:
@@ -126,9 +123,7 @@ class InceptionFeatures:
     name = "inception"
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device | None = None):
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Inception weights file {str(path)!r} does not exist")
+        path = require_file(path, "Inception weights file")
         self.device = _device(device)
         try:
             self.net = torch.jit.load(str(path), map_location=self.device).eval()

@@ -50,6 +50,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         raise
 
 
+def require_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path, after checking that it is a file.
+
+    Raises:
+        ValueError: it is a folder ("<what> 'x' is a folder, not a file").
+        FileNotFoundError: nothing is there.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a folder, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    return path
+
+
 def nearest_existing(path: str | os.PathLike) -> Path:
     """``path`` itself if it exists, else its closest existing ancestor."""
     path = Path(path)

@@ -199,7 +199,7 @@ def _garble(path):
     [
         (lambda p: None, "does not exist"),
         (lambda p: p.write_text("junk"), "is not an .npz file (not a zip archive, or cut short)"),
-        (lambda p: p.mkdir(), "s.npz' is a folder, not an .npz file"),
+        (lambda p: p.mkdir(), "s.npz' is a folder, not a file"),
         (lambda p: _cut(_valid_npz(p), 0.5), "is not an .npz file (not a zip archive, or cut short)"),
         (lambda p: _garble(_valid_npz(p)), "is not a readable .npz (Bad CRC-32 for file 'arr_0.npy')"),
         (lambda p: np.savez(p, np.zeros((5, 32, 32, 1), np.float32)), "must be uint8"),
@@ -280,6 +280,18 @@ def test_a_damaged_reference_npz_is_one_line(tmp_path, capsys):
     assert main(["evaluate", str(_valid_npz(tmp_path / "s.npz")), "--ref", str(ref)]) == 2
     err = capsys.readouterr().err
     assert err == f"fastguide evaluate: error: reference file {str(ref)!r} is not an .npz file (not a zip archive, or cut short)\n"
+
+
+def test_a_folder_where_a_file_belongs_is_named_as_a_folder(tmp_path, capsys):
+    from fastguide.adm import load_checkpoint
+    from fastguide.pretrained import embedded_dir, run_flags
+
+    (tmp_path / "inception.pt").mkdir()
+    assert main(["evaluate", str(_valid_npz(tmp_path / "s.npz")), "--inception", str(tmp_path / "inception.pt")]) == 2
+    assert "Inception weights file" in (err := capsys.readouterr().err) and "inception.pt' is a folder, not a file" in err
+    (tmp_path / "w.safetensors").mkdir()
+    with pytest.raises(ValueError, match="w.safetensors' is a folder, not a file"):
+        load_checkpoint(run_flags(embedded_dir("cadm")).build(), tmp_path / "w.safetensors")
 
 
 def _damaged_run(folder, name, how):

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import require_file
+
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
@@ -19,11 +21,10 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: unknown suffix, or the file does not hold a mapping of names to tensors.
+        ValueError: a folder, an unknown suffix, a file that cannot be read, or one that does not hold a
+            mapping of names to tensors.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
+    path = require_file(path, "checkpoint")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
