@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 
@@ -171,22 +173,29 @@ class Staging:
                 new = sorted(self.tmp.iterdir())
                 for f in new:
                     os.replace(f, self.out / f.name)
-                self.removed = sorted(earlier - {f.name for f in new})
-                for name in self.removed:
-                    (self.out / name).unlink(missing_ok=True)
+                for name in sorted(earlier - {f.name for f in new}):
+                    try:
+                        (self.out / name).unlink(missing_ok=True)
+                        self.removed.append(name)
+                    except OSError as err:  # the new run is in place; say what is left over
+                        warnings.warn(f"could not remove the earlier run's {str(self.out / name)!r} ({err.strerror})")
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+# the files `fastguide sample` writes (run_sample's `names`)
+SAMPLE_FILES = re.compile(r"grid\.png|trace\.png|grad_maps\.png|run\.json|samples_\d+x\d+x\d+x\d+\.npz")
+
+
 def earlier_run_files(out: Path) -> set[str]:
-    """The files in ``out`` that an earlier ``fastguide sample`` run wrote, as its run.json lists them
-    (plain names of existing files only: nothing outside ``out`` is ever named)."""
+    """The files of an earlier ``fastguide sample`` run in ``out``: those its run.json lists, if that run.json
+    is one ``sample`` wrote, and only names ``sample`` writes (nothing else, nothing outside ``out``)."""
     try:
-        files = json.loads((out / "run.json").read_text())["files"].values()
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        run = json.loads((out / "run.json").read_text())
+        files = run["files"].values() if {"what", "args", "files"} <= set(run) else ()
+    except (OSError, ValueError, TypeError, AttributeError):
         return set()
-    return {n for n in files if isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")
-            and (out / n).is_file()}  # fmt: skip
+    return {n for n in files if isinstance(n, str) and SAMPLE_FILES.fullmatch(n) and (out / n).is_file()}
 
 
 def run_sample(args) -> None:

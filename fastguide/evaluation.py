@@ -36,7 +36,8 @@ def load_npz(path: str | os.PathLike, what: str = "samples") -> tuple[np.ndarray
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not an npz, no ``arr_0``, wrong dtype or shape, labels that do not match.
+        ValueError: a folder, not an npz (or one cut short or garbled), no ``arr_0``, wrong dtype or shape,
+            labels that do not match.
     """
     path = require_file(path, f"{what} file")
     if not zipfile.is_zipfile(path):  # np.load would try a .npy, then a pickle, and say "pickled data"

@@ -35,8 +35,8 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` to a temporary file next to ``path``, then rename it to ``path``.
 
-    The file gets the mode a plain ``open(path, "w")`` would (0o666 & ~umask); on any error the
-    temporary file is removed and ``path`` is left as it was.
+    The file gets the mode a plain ``open(path, "w")`` gives a new file (0o666 & ~umask; an existing
+    file's mode is not kept); on any error the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     tmp = _unique_sibling(path.parent, f".{path.stem}.", path.suffix, _create_file)

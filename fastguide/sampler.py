@@ -41,7 +41,7 @@ class SamplerConfig:
     clip_denoised: bool = True  # clip x̂_0 to [-1, 1]
     variance: str = "auto"  # DDPM variance: auto | learned_range | learned | fixed_small | fixed_large
     ddim_guidance: str = "adm"  # "adm": ε − sqrt(1−ᾱ)·s∇ (ADM, EDS release); "paper": ε − s∇ (Alg. 1)
-    check_finite: bool = True  # raise on NaN/inf from the networks (one host sync per step); scales are always checked
+    check_finite: bool = True  # raise on NaN/inf from the networks (a host sync per check); scales are always checked
     progress: bool = False  # show a progress bar
 
     def __post_init__(self):

@@ -50,8 +50,9 @@ def parse() -> argparse.Namespace:
 
 def configs(args) -> dict:
     net = dict(
-        model_channels=args.model_channels, num_res_blocks=1, channel_mult=[int(v) for v in args.channel_mult.split(",")],
-        attention_ds=[int(v) for v in args.attention_ds.split(",")], num_head_channels=args.num_head_channels,
+        model_channels=args.model_channels, num_res_blocks=1, num_head_channels=args.num_head_channels,
+        channel_mult=[int(v) for v in args.channel_mult.split(",")],
+        attention_ds=[int(v) for v in args.attention_ds.split(",")],
         num_heads=1, use_scale_shift_norm=True, resblock_updown=True,
     )  # fmt: skip
     return dict(
@@ -76,12 +77,15 @@ def _kwargs(meta: dict, cfg: dict) -> dict:
 def build(meta: dict, gen: torch.Generator) -> dict:
     """ADM's networks with random weights: the parameters ADM initialises to zero (output layers,
     norms' biases) get N(0, 0.05²) so that every layer matters."""
+    K = meta["num_classes"]
     nets = {
-        "unet_uncond": adm_unet.UNetModel(out_channels=6, use_new_attention_order=False, **_kwargs(meta, meta["unet_uncond"])),
-        "unet_cond": adm_unet.UNetModel(out_channels=6, num_classes=meta["num_classes"], use_new_attention_order=True,
-                                        **_kwargs(meta, meta["unet_cond"])),  # fmt: skip
-        "classifier": adm_unet.EncoderUNetModel(out_channels=meta["num_classes"], pool="attention",
-                                                **_kwargs(meta, meta["classifier"])),  # fmt: skip
+        "unet_uncond": adm_unet.UNetModel(
+            out_channels=6, use_new_attention_order=False, **_kwargs(meta, meta["unet_uncond"])
+        ),
+        "unet_cond": adm_unet.UNetModel(
+            out_channels=6, num_classes=K, use_new_attention_order=True, **_kwargs(meta, meta["unet_cond"])
+        ),
+        "classifier": adm_unet.EncoderUNetModel(out_channels=K, pool="attention", **_kwargs(meta, meta["classifier"])),
     }
     with torch.no_grad():
         for net in nets.values():
@@ -108,10 +112,14 @@ def float64_adm(nets: dict):
 
     for net in nets.values():
         net.double().dtype = torch.float64
-    with mock.patch.object(torch.Tensor, "float", keep_float64), mock.patch.object(adm_unet, "timestep_embedding", embedding):
-        yield
-    for net in nets.values():
-        net.float().dtype = torch.float32
+    try:
+        with mock.patch.object(torch.Tensor, "float", keep_float64), mock.patch.object(
+            adm_unet, "timestep_embedding", embedding
+        ):
+            yield
+    finally:
+        for net in nets.values():
+            net.float().dtype = torch.float32
 
 
 class Reference:
@@ -133,8 +141,11 @@ class Reference:
     def probes(self) -> dict:
         x, t, y = self.x_T, self.probe_t, self.y
         with torch.no_grad():
-            out = {"probe_unet_uncond_out": self.nets["unet_uncond"](x, t), "probe_unet_cond_out": self.nets["unet_cond"](x, t, y),
-                   "probe_clf_logits": self.nets["classifier"](x, t)}  # fmt: skip
+            out = {
+                "probe_unet_uncond_out": self.nets["unet_uncond"](x, t),
+                "probe_unet_cond_out": self.nets["unet_cond"](x, t, y),
+                "probe_clf_logits": self.nets["classifier"](x, t),
+            }
         log_probs, grad = self.log_probs_and_grad(x, t, y)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         out.update(probe_clf_grad=grad, probe_entropy=entropy, probe_eds_scale=self.eds(log_probs))
@@ -171,14 +182,13 @@ class Reference:
             return steps.pop(0).to(x.dtype) if steps else real(x, *a, **k)
 
         loop = diffusion.p_sample_loop_progressive if method == "ddpm" else diffusion.ddim_sample_loop_progressive
+        shape, kwargs = tuple(self.x_T.shape), {"y": self.y}
         with mock.patch("torch.randn_like", noise_like):
-            traj = [o["sample"] for o in loop(model_fn, tuple(self.x_T.shape), noise=self.x_T.clone(), clip_denoised=True,
-                                                cond_fn=cond_fn, model_kwargs={"y": self.y}, device="cpu")]  # fmt: skip
+            outs = loop(model_fn, shape, noise=self.x_T.clone(), clip_denoised=True, cond_fn=cond_fn, model_kwargs=kwargs,
+                        device="cpu")  # fmt: skip
+            traj = [o["sample"] for o in outs]
         prefix = f"{method}_{model}_{guidance}"
-        out = {f"{prefix}_x0": traj[-1], f"{prefix}_scales": torch.stack(scales)}
-        if method == "ddpm":
-            out[f"{prefix}_traj"] = torch.stack(traj)
-        return out
+        return {f"{prefix}_traj": torch.stack(traj), f"{prefix}_x0": traj[-1], f"{prefix}_scales": torch.stack(scales)}
 
     def everything(self) -> dict:
         out = self.probes()
@@ -194,6 +204,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
     meta = configs(args)
+    torch.manual_seed(args.seed)  # ADM's own initialisation draws from the global generator
     gen = torch.Generator().manual_seed(args.seed)
     nets = build(meta, gen)
     S, B = args.image_size, args.batch
@@ -225,7 +236,8 @@ def main() -> None:
     )
     errs = {k: ((ref32[k].double() - v).abs().max() / v.abs().max()).item() for k, v in ref64.items() if k in ref32}
     worst = max(errs, key=errs.get)
-    print(f"wrote {out}: float32 reference's worst max-norm relative error against float64: {errs[worst]:.2g} ({worst})")
+    print(f"wrote {out}: the float32 reference's worst max-norm relative error against float64 is {errs[worst]:.2g}"
+          f" ({worst})")  # fmt: skip
 
 
 if __name__ == "__main__":

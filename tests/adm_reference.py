@@ -80,7 +80,9 @@ class AdmHere:
             net.load_state_dict(load_file(str(folder / f"unet_{name}.safetensors")))
             self.unets[name] = _Model(net.eval(), cond)
         cfg = self.meta["classifier"]
-        clf = EncoderUNetModel(out_channels=golden.num_classes, pool=cfg.get("pool", "adaptive"), **golden._unet_kwargs(cfg))
+        clf = EncoderUNetModel(
+            out_channels=golden.num_classes, pool=cfg.get("pool", "adaptive"), **golden._unet_kwargs(cfg)
+        )
         clf.load_state_dict(load_file(str(folder / "classifier.safetensors")))
         self.classifier = clf.eval()
         if channels_last:
@@ -165,7 +167,8 @@ class AdmHere:
                     model_kwargs={"y": g.y}, device="cpu", **extra,
                 )  # fmt: skip
             ]
-        return {f"{prefix}_traj": torch.stack(steps), f"{prefix}_x0": steps[-1], f"{prefix}_scales": torch.stack(scales)}
+        traj, scales = torch.stack(steps), torch.stack(scales)
+        return {f"{prefix}_traj": traj, f"{prefix}_x0": traj[-1], f"{prefix}_scales": scales}
 
 
 @functools.cache

@@ -6,11 +6,11 @@ terms of size ~150 to leave one of size ~1, so its rounding error is ~u·(|r·x|
 times u·|x̂0|. A :class:`Bounded` value carries, beside the float64 value of a formula, a bound on the
 error of any float32 evaluation of it in that operation order (Higham, *Accuracy and Stability of
 Numerical Algorithms*, §2.2, the standard model): every operation's own rounding
-``|fl(a ∘ b) − a ∘ b| ≤ ulps·u·|a ∘ b| + TINY`` (``TINY`` covers underflow; exp and division get more
-ulps, as fast GPU versions have) plus its operands' errors carried through exactly (first order and
-product terms). A fused multiply–add rounds once where the model counts two, so FMA contraction stays
-inside the bound; so does any vector width or thread count. The bound is elementwise, worst case, and
-needs no second float32 run to compare with.
+``|fl(a ∘ b) − a ∘ b| ≤ k·u·|a ∘ b| + TINY`` (k = 1; more for exp and division, as fast GPU versions
+need; ``TINY`` covers underflow) plus its operands' errors carried through (first order and product
+terms; exp and sqrt exactly). A fused multiply–add rounds once where the model counts two, so FMA
+contraction stays inside the bound; so does any vector width or thread count. The bound is
+elementwise, worst case, and needs no second float32 run to compare with.
 
 :class:`Bounded` implements ``+ − × ÷``, ``clamp``, ``sqrt`` and ``exp`` (also as ``torch.exp`` and
 ``torch.sqrt``, through ``__torch_function__``), which is all that :mod:`fastguide.diffusion` uses, so
@@ -27,8 +27,9 @@ import torch
 
 U32 = 2.0**-24  # unit roundoff of float32
 TINY = 2.0**-126  # smallest normal float32: the absolute error an underflow (or flush to zero) can add
-EXP_ULPS = 4.0  # exp: libm and Sleef are within 1 ulp (2u), CUDA's fast exp within 2 ulp
-DIV_ULPS = 2.0  # division: exact rounding on CPUs, within 2 ulp for CUDA's approximate division
+# an operation's own rounding, in units of u (half an ulp):
+EXP_UNITS = 4.0  # exp: libm and Sleef are within 1 ulp, CUDA's fast exp within 2 ulp
+DIV_UNITS = 4.0  # division: correctly rounded on CPUs and by div_rn, within 2 ulp for CUDA's approximate division
 LOG_ABS = 2.0**-22  # log: CUDA's fast log2 errs by up to 2^-22.6 absolutely where the result is near 0
 
 
@@ -54,11 +55,11 @@ class Bounded:
         return cls(a.detach().cpu().double() if torch.is_tensor(a) else float(a))
 
     @classmethod
-    def rounded(cls, value: torch.Tensor, err: torch.Tensor, ulps=1.0, unit: float = U32, tiny: float = TINY) -> Bounded:
-        """The result of one operation: the propagated error plus the operation's own rounding (``tiny``:
-        what underflow, or flushing a subnormal to zero, can add). Exact infinities stay exact (an
-        overflow is compared by equality, not by size)."""
-        own = ulps * unit * (value.abs() + err) + tiny
+    def rounded(cls, value: torch.Tensor, err: torch.Tensor, units=1.0, unit: float = U32, tiny: float = TINY) -> Bounded:  # fmt: skip
+        """The result of one operation: the propagated error plus the operation's own rounding, ``units``
+        times the unit roundoff ``unit`` of the result (``tiny``: what underflow, or flushing a subnormal
+        to zero, can add). Exact infinities stay exact (an overflow is compared by equality, not by size)."""
+        own = units * unit * (value.abs() + err) + tiny
         return cls(value, torch.where(value.isinf(), torch.zeros_like(err), err + own))
 
     # ---- arithmetic ----
@@ -91,7 +92,7 @@ class Bounded:
         value = self.value / o.value
         margin = (o.value.abs() - o.err).clamp_min(0)  # |b'| ≥ |b| − e_b; 0: the quotient is unbounded
         err = (self.err + _times(value.abs(), o.err)) / margin
-        return Bounded.rounded(value, torch.where(self.err + o.err == 0, torch.zeros_like(err), err), DIV_ULPS)
+        return Bounded.rounded(value, torch.where(self.err + o.err == 0, torch.zeros_like(err), err), DIV_UNITS)
 
     def __rtruediv__(self, other):
         return Bounded.lift(other) / self
@@ -113,7 +114,7 @@ class Bounded:
         value = self.value.exp()
         err = _times(value, torch.expm1(self.err))  # |e^a' − e^a| ≤ e^a (e^|a'−a| − 1)
         # the argument |a| times u: fast exps scale a by log2(e) in float32 before 2^(·)
-        return Bounded.rounded(value, err, EXP_ULPS + self.value.abs().nan_to_num(0.0, 0.0, 0.0))
+        return Bounded.rounded(value, err, EXP_UNITS + self.value.abs().nan_to_num(0.0, 0.0, 0.0))
 
     def clamp(self, lo: float, hi: float) -> Bounded:
         """clamp is 1-Lipschitz, and exact where the value is clamped even at the ends of its error."""
@@ -128,8 +129,8 @@ class Bounded:
         are spaced 2^-24 apart, so the rounding of a value under 2^-14 is absolute, not relative)."""
         if dtype == torch.float32:
             return self
-        info = torch.finfo(dtype)
-        return Bounded.rounded(self.value, self.err, 1.0, info.eps / 2, info.smallest_normal)
+        info = torch.finfo(dtype)  # below smallest_normal the spacing is smallest_normal·eps: half of it
+        return Bounded.rounded(self.value, self.err, 1.0, info.eps / 2, info.smallest_normal * info.eps / 2)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -176,14 +177,15 @@ class SoftmaxEntropyBound(NamedTuple):
 
 def softmax_entropy_bound(logits, y, gamma=1.0, entropy_floor=1e-6, max_scale=0.0, blocks=1) -> SoftmaxEntropyBound:
     """Values from the definitions (float64, autograd for d log p(y)/d logits, ``entr`` for H) and
-    bounds for a float32 evaluation that sums K terms in any order, in up to ``blocks`` blocks whose
+    first-order bounds (the O(u²) product terms left out, far below the slack of the (K − 1)·u sums) for
+    a float32 evaluation that sums K terms in any order, in up to ``blocks`` blocks whose
     running sums are rescaled by exp(m_old − m_new) when the max grows (an online softmax):
 
         d = z − m,  S = Σ e^d,  log p = d − log S,  H = Σ p·|log p|,  scale = γ log K / max(H, floor),
         dlogits = onehot(y) − p.
 
     A sum of K terms errs by at most (K − 1)·u·Σ|terms| in any order; each rescale of a term costs
-    (EXP_ULPS + 2)·u, and the exponents' errors telescope to |d|·u. Classes with z = −inf are exact.
+    (EXP_UNITS + 2)·u, and the exponents' errors telescope to |d|·u. Classes with z = −inf are exact.
     """
     z = logits.detach().double().cpu()
     B, K = z.shape
@@ -205,7 +207,7 @@ def softmax_entropy_bound(logits, y, gamma=1.0, entropy_floor=1e-6, max_scale=0.
     d = torch.where(none, zero, z - m)
     w = d.exp()
     e_d = u * d.abs()
-    e_w = torch.where(none, zero, w * (e_d + (EXP_ULPS + d.abs() + (EXP_ULPS + 2) * blocks) * u) + TINY)
+    e_w = torch.where(none, zero, w * (e_d + (EXP_UNITS + d.abs() + (EXP_UNITS + 2) * blocks) * u) + TINY)
     S = w.sum(-1, keepdim=True)
     e_S = e_w.sum(-1, keepdim=True) + (K - 1) * u * S
     log_S = S.log()
@@ -213,7 +215,7 @@ def softmax_entropy_bound(logits, y, gamma=1.0, entropy_floor=1e-6, max_scale=0.
     lp = torch.where(none, zero, d - log_S)
     e_lp = torch.where(none, zero, e_d + e_log_S + u * lp.abs())
     p = lp.exp().masked_fill(none, 0.0)
-    e_p = torch.where(none, zero, p * (torch.expm1(e_lp) + (EXP_ULPS + lp.abs()) * u) + TINY)
+    e_p = torch.where(none, zero, p * (torch.expm1(e_lp) + (EXP_UNITS + lp.abs()) * u) + TINY)
     term = p * lp.abs()
     e_term = torch.where(none, zero, lp.abs() * e_p + _times(p, e_lp) + u * term + TINY)
     e_H = e_term.sum(-1) + (K - 1) * u * term.sum(-1)

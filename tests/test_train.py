@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,17 @@ def test_resume_passes_over_a_checkpoint_with_truncated_weights(tmp_path, small_
     assert _steps(resumed.out_dir, "train.jsonl") == [1, 2, 3, 4, 5, 6]
 
 
+def test_checkpoints_newer_than_the_resumed_one_are_removed_by_the_next_save(tmp_path, small_sets):
+    """After passing over a damaged step 4 to resume at step 2, the run's next checkpoints are the ones kept."""
+    part = run_clf(tmp_path, small_sets, iterations=4, save_interval=2)
+    root = Path(part.out_dir) / "checkpoints"
+    (root / "step_0000004" / "state.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.warns(UserWarning, match="step_0000004.*is damaged"):
+        run_clf(tmp_path, small_sets, iterations=3, save_interval=1)
+    assert [p.name for p in ckpt._steps(root)] == ["step_0000002", "step_0000003"]
+    assert ckpt.latest_checkpoint(root).name == "step_0000003"
+
+
 def test_resume_with_every_checkpoint_damaged_names_each(tmp_path, small_sets):
     part = run_clf(tmp_path, small_sets, iterations=4, save_interval=2)
     for folder in sorted(Path(part.out_dir, "checkpoints").glob("step_*")):
@@ -277,7 +289,8 @@ def test_negative_eta_is_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train-classifier", "--eta", "-1", "--iterations", "1", "--out_dir", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == "fastguide train-classifier: error: eta must be a number >= 0 (0 = cross-entropy, the paper's ECT 0.2), got -1.0\n"
+    why = "eta must be a number >= 0 (0 = cross-entropy, the paper's ECT 0.2), got -1.0"
+    assert err == f"fastguide train-classifier: error: {why}\n"
     assert not out.exists()
     with pytest.raises(ValueError, match="eta must be a number >= 0"):
         clf_config(tmp_path, eta=-0.1).validate(1)
@@ -295,13 +308,18 @@ class _Payload:
         return (Path.touch, (self.sentinel,))
 
 
-def test_pickled_checkpoint_with_code_payload_is_refused(tmp_path, small_sets):
-    first = run_clf(tmp_path / "a", small_sets, iterations=3)
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy-pickle"])
+def test_pickled_checkpoint_with_code_payload_is_refused(tmp_path, small_sets, zip_format):
+    """Refused, and never passed over for the older checkpoint as a damaged one would be."""
+    first = run_clf(tmp_path / "a", small_sets, iterations=6, save_interval=3)
     state_file = ckpt.latest_checkpoint(first.out_dir) / "state.pt"
     sentinel = tmp_path / "payload-ran"
-    torch.save({"step": _Payload(sentinel)}, state_file)  # a real torch checkpoint carrying code
-    with pytest.raises(ValueError, match="state.pt"):
-        run_clf(tmp_path / "a", small_sets, iterations=6)
+    # a real torch checkpoint carrying code
+    torch.save({"step": _Payload(sentinel)}, state_file, _use_new_zipfile_serialization=zip_format)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "resuming from step_0000003 instead"
+        with pytest.raises(ValueError, match=r"refusing to load .*step_0000006.*state.pt"):
+            run_clf(tmp_path / "a", small_sets, iterations=9, save_interval=3)
     assert not sentinel.exists()
 
 

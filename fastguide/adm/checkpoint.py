@@ -26,11 +26,12 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     """
     path = require_file(path, "checkpoint")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             state = load_file(str(path), device=str(map_location))
-        except Exception as err:  # safetensors' own SafetensorError: a truncated or garbled file
+        except SafetensorError as err:  # a header or data cut short or garbled
             raise ValueError(f"{str(path)!r} is not a readable safetensors file ({err})") from None
     elif path.suffix in _PICKLE_SUFFIXES:
         try:
@@ -56,21 +57,28 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     state = load_state_dict(path)
     try:
         model.load_state_dict(state, strict=strict)
-    except RuntimeError:
-        raise ValueError(f"{str(path)!r} does not fit the {type(model).__name__}: {mismatch(model, state)}") from None
+    except RuntimeError as err:
+        problem = _describe_mismatch(model, state, strict) or " ".join(str(err).split())
+        raise ValueError(f"{str(path)!r} does not fit the {type(model).__name__}: {problem}") from None
     return model
 
 
-def mismatch(model: nn.Module, state: dict[str, torch.Tensor], show: int = 3) -> str:
-    """One line on how a state_dict differs from a model's: missing and unexpected keys, other shapes."""
+def _describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor], strict: bool, show: int = 3) -> str:
+    """One line on how a state_dict differs from a model's: tensors of other shapes and, when ``strict``,
+    missing and unexpected keys (the first ``show`` of each kind); empty when it finds none."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and state[k].shape != v.shape]  # fmt: skip
+    kinds = {
+        "other shapes (file vs model)": [
+            f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ],  # fmt: skip
+    }
+    if strict:
+        missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+        kinds = {"missing": missing, "unexpected": unexpected, **kinds}
     parts = []
-    for what, items in (("missing", missing), ("unexpected", unexpected), ("other shapes (file vs model)", shapes)):
+    for what, items in kinds.items():
         if items:
             more = f" and {len(items) - show} more" if len(items) > show else ""
             parts.append(f"{len(items)} {what}: {', '.join(items[:show])}{more}")
-    return "; ".join(parts) or "tensors that do not fit"
+    return "; ".join(parts)

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..files import atomic_write, make_temp_dir
@@ -100,10 +102,22 @@ def write_checkpoint(
     return final
 
 
+def _steps(folder: Path) -> list[Path]:
+    """The ``step_N`` folders under ``folder``, by N (not by name: a name with more digits sorts wrongly)."""
+    found = [p for p in folder.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[len("step_") :]))
+
+
 def _prune(root: Path, keep: int) -> None:
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir())
+    """Keep the ``keep`` newest checkpoints up to ``latest``; remove the rest, and the ones newer than
+    ``latest`` (left from before a resume that went back past them, e.g. because they were damaged)."""
     latest = latest_checkpoint(root)
-    for old in complete[: max(0, len(complete) - keep)]:
+    steps = _steps(root)
+    if latest in steps:
+        steps, newer = steps[: steps.index(latest) + 1], steps[steps.index(latest) + 1 :]
+    else:
+        newer = []
+    for old in newer + steps[: max(0, len(steps) - keep)]:
         if old != latest:
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):  # leftovers of a crashed write
@@ -112,7 +126,9 @@ def _prune(root: Path, keep: int) -> None:
 
 
 class DamagedCheckpoint(ValueError):
-    """A checkpoint whose files are incomplete or corrupt (truncated, bad CRC): not a refused payload."""
+    """A checkpoint whose files are cut short or unreadable (a weights file without a complete header and
+    data, a state archive with a missing directory or a bad CRC), as opposed to a refused payload. Flipped
+    bits inside a weights file's tensor data go unnoticed: safetensors has no checksum."""
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
@@ -125,7 +141,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
             if (path / "state.pt").is_file():
                 return path
             # a crash while the same step was re-written: fall back to the newest complete checkpoint
-            complete = sorted(p for p in folder.glob("step_*") if (p / "state.pt").is_file())
+            complete = [p for p in _steps(folder) if (p / "state.pt").is_file()]
             if not complete:
                 raise ValueError(f"checkpoint pointer {str(pointer)!r} names {str(path)!r}, which is incomplete")
             warnings.warn(f"{str(path)!r} named by {str(pointer)!r} is incomplete; using {str(complete[-1])!r}")
@@ -139,7 +155,7 @@ def checkpoint_candidates(root: str | os.PathLike) -> list[Path]:
     first = latest_checkpoint(root)
     if first is None:
         return []
-    others = sorted((p for p in first.parent.glob("step_*") if (p / "state.pt").is_file() and p != first), reverse=True)
+    others = [p for p in reversed(_steps(first.parent)) if (p / "state.pt").is_file() and p != first]
     return [first, *others]
 
 
@@ -167,7 +183,15 @@ def load_latest_checkpoint(root: str | os.PathLike) -> tuple[Path, dict[str, dic
 
 
 def _check_state_archive(path: Path) -> None:
-    """torch.save's zip archive complete, every member's CRC right (else DamagedCheckpoint)."""
+    """Raise DamagedCheckpoint if torch.save's zip archive is empty, cut short or fails a CRC. A file that
+    is not a zip archive at all (torch's legacy pickle format, or anything else) is left to the
+    weights-only loader, which refuses what it cannot read safely."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise DamagedCheckpoint(f"{str(path)!r} is damaged (empty)")
+    if head != b"PK\x03\x04":
+        return
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
@@ -193,7 +217,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.
     for p in sorted(path.glob("*.safetensors")):
         try:
             weights[p.stem] = load_file(str(p))
-        except Exception as err:  # safetensors raises its own SafetensorError for a short or garbled file
+        except SafetensorError as err:  # a header or data cut short or garbled
             raise DamagedCheckpoint(f"{str(p)!r} is damaged ({err})") from None
     if "model" not in weights:
         raise DamagedCheckpoint(f"{str(path)!r} has no model.safetensors")

@@ -199,25 +199,39 @@ def _maybe_kill(step: int, dist: DistState) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+LOGS = ("train.jsonl", "eval.jsonl")  # the run's logs under out_dir, one JSON object per line
+
+
 def _append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
 def _drop_rows(path: Path, drop: Callable[[dict], bool]) -> None:
-    """Rewrite a .jsonl file (atomically) without the rows for which ``drop(row)`` is true."""
+    """Rewrite a .jsonl log (atomically) without the rows for which ``drop(row)`` is true, and without
+    lines that are not a JSON object (a line cut short by a crash while it was appended), with a warning."""
     if not path.is_file():
         return
-    def keep(line: str) -> bool:
-        try:
-            return not drop(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash while it was appended
-            return False
-
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if keep(line)]
+    kept, unreadable = [], 0
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            unreadable += bool(line.strip())
+        elif not drop(row):
+            kept.append(line)
+    if unreadable:
+        warnings.warn(f"{str(path)!r}: dropped {unreadable} line(s) that are not a JSON object (cut short by a crash?)")
     if len(kept) != len(lines):
         atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+
+def _step_of(row: dict) -> int:
+    step = row.get("step", 0)
+    return step if isinstance(step, int) else 0
 
 
 def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -268,20 +282,38 @@ class Trainer:
 
     # ---- checkpoints ----
 
-    def _checkpoint(self):
+    def _checkpoint(self) -> tuple[Path, dict, dict] | None:
         """(folder, weights, state) to resume from, or None to start at step 0."""
         r = self.cfg.resume
         if r == "none":
             return None
         if r == "auto":
-            return load_latest_checkpoint(self.out_dir)
+            return self._agreed_latest(self.out_dir)
         path = Path(r)
-        found = load_latest_checkpoint(path)
+        found = self._agreed_latest(path)
         if found is None and (path / "state.pt").is_file():
             found = (path, *read_checkpoint(path))
         if found is None:
             raise ValueError(f"--resume {r!r}: no checkpoint found there")
         return found
+
+    def _agreed_latest(self, root: Path) -> tuple[Path, dict, dict] | None:
+        """load_latest_checkpoint on rank 0, which may pass over damaged checkpoints (and warns once);
+        every other rank reads the checkpoint rank 0 chose, so that all resume from the same step."""
+        if not self.dist.distributed:
+            return load_latest_checkpoint(root)
+        found, error = None, None
+        if self.dist.is_main:
+            try:
+                found = load_latest_checkpoint(root)
+            except ValueError as err:
+                error = str(err)
+        name, error = self.dist.all_gather_object((None if found is None else str(found[0]), error))[0]
+        if error is not None:
+            raise ValueError(error)
+        if self.dist.is_main or name is None:
+            return found
+        return Path(name), *read_checkpoint(name)
 
     def restore(self) -> None:
         found = self._checkpoint()
@@ -311,14 +343,12 @@ class Trainer:
         if self.dist.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
-    LOGS = ("train.jsonl", "eval.jsonl")
-
     def _forget_logs_after(self, step: int) -> None:
         """Drop the log rows of steps after ``step`` (written before an interruption, or by an earlier run in
         this out_dir): they are about to be written again."""
         if self.dist.is_main:
-            for name in self.LOGS:
-                _drop_rows(self.out_dir / name, lambda row: row.get("step", 0) > step)
+            for name in LOGS:
+                _drop_rows(self.out_dir / name, lambda row: _step_of(row) > step)
 
     def save(self) -> None:
         rngs = self.dist.all_gather_object(_rng_state(self.dist.device))
@@ -397,7 +427,7 @@ class Trainer:
             rows = self.task.evaluate(self.model, self.val_set, self.dist.device)
             self.model.train()
             # the final evaluation of a run started again after it had finished replaces the earlier one
-            _drop_rows(self.out_dir / "eval.jsonl", lambda row: row.get("step") == self.step)
+            _drop_rows(self.out_dir / "eval.jsonl", lambda row: _step_of(row) == self.step)
             for row in rows:
                 _append_jsonl(self.out_dir / "eval.jsonl", {"step": self.step, **row})
         self.dist.barrier()
