@@ -26,9 +26,8 @@ import torch
 import fastguide
 import fastguide as fg
 from fastguide import _ext
-from update_oracle import check_update, ddim_exact, ddpm_exact
+from update_oracle import DDIM_READS, DDPM_READS, check_update, ddim_exact, ddpm_exact, off_by
 from fastguide.kernels.reference import (
-    COEF,
     VARIANCE_CODES,
     guided_ddim_update_ref,
     guided_ddpm_update_ref,
@@ -192,23 +191,6 @@ def test_ddim_update_matches_reference(eta, paper_form, clip, guided, shape, dty
     _assert_within_rounding_bound(got, guided_ddim_update_ref(*args), ddim_exact(*args), dtype)
 
 
-# The columns of `coefs` each update reads (as in test_kernels_triton.py): one of them 1e-5 off must fail.
-_SHARED = ["sqrt_recip_alpha_bar", "sqrt_recipm1_alpha_bar", "posterior_mean_coef1", "posterior_mean_coef2"]
-DDPM_READS = {
-    "learned_range": _SHARED + ["log_beta", "posterior_log_variance_clipped"],
-    "learned": _SHARED,
-    "fixed_small": _SHARED + ["posterior_variance", "posterior_log_variance_clipped"],
-    "fixed_large": _SHARED + ["fixed_large_variance", "fixed_large_log_variance"],
-}
-DDIM_READS = ["alpha_bar", "alpha_bar_prev", "sqrt_recip_alpha_bar", "sqrt_recipm1_alpha_bar"]
-
-
-def _off_by(coefs, column, rel=1e-5):
-    coefs = coefs.clone()
-    coefs[:, COEF[column]] *= 1 + rel
-    return coefs
-
-
 @needs_ext
 @pytest.mark.parametrize("variance", list(VARIANCE_CODES.values()), ids=list(VARIANCE_CODES))
 def test_error_rule_fails_the_ddpm_op_with_one_coefficient_off_by_1e_5(variance):
@@ -216,7 +198,7 @@ def test_error_rule_fails_the_ddpm_op_with_one_coefficient_off_by_1e_5(variance)
     exact = ddpm_exact(*args)
     check_update(_ext.guided_ddpm_update(*args), exact)
     for column in DDPM_READS[VARIANCE_NAMES[variance]]:
-        args[6] = _off_by(_inputs((9, 3, 7, 5), torch.float32, variance)[6], column)
+        args[6] = off_by(_inputs((9, 3, 7, 5), torch.float32, variance)[6], column)
         with pytest.raises(AssertionError, match="rounding-error bound|NaN in other places"):
             check_update(_ext.guided_ddpm_update(*args), exact)
 
@@ -229,7 +211,7 @@ def test_error_rule_fails_the_ddim_op_with_one_coefficient_off_by_1e_5(paper_for
     exact = ddim_exact(*args)
     check_update(_ext.guided_ddim_update(*args), exact)
     for column in DDIM_READS:
-        args[5] = _off_by(coefs, column)
+        args[5] = off_by(coefs, column)
         with pytest.raises(AssertionError, match="rounding-error bound|NaN in other places"):
             check_update(_ext.guided_ddim_update(*args), exact)
 

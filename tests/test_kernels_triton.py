@@ -28,7 +28,6 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from fastguide.kernels.reference import (  # noqa: E402
-    COEF,
     COEF_FIELDS,
     VARIANCE_CODES,
     guided_ddim_update_ref,
@@ -51,7 +50,7 @@ from fastguide.kernels.triton_update import (  # noqa: E402
 )
 from fastguide.schedule import Schedule  # noqa: E402
 from error_bounds import assert_within_bound, softmax_entropy_bound  # noqa: E402
-from update_oracle import check_update, ddim_exact, ddpm_exact  # noqa: E402
+from update_oracle import DDIM_READS, DDPM_READS, check_update, ddim_exact, ddpm_exact, off_by  # noqa: E402
 
 if DEVICE == "cpu" and not is_interpreted(_softmax_entropy_scale_kernel):
     pytest.skip(
@@ -295,22 +294,8 @@ def test_unguided_equals_guided_with_scale_zero(dtype):
             torch.testing.assert_close(a, b, **tol)
 
 
-# The columns of `coefs` that each update reads: a kernel that reads one of them 1e-5 (about 170 float32
-# ulps) off must fail the error rule; the other columns must not change the output at all.
-_SHARED = ["sqrt_recip_alpha_bar", "sqrt_recipm1_alpha_bar", "posterior_mean_coef1", "posterior_mean_coef2"]
-DDPM_READS = {
-    "learned_range": _SHARED + ["log_beta", "posterior_log_variance_clipped"],
-    "learned": _SHARED,
-    "fixed_small": _SHARED + ["posterior_variance", "posterior_log_variance_clipped"],
-    "fixed_large": _SHARED + ["fixed_large_variance", "fixed_large_log_variance"],
-}
-DDIM_READS = ["alpha_bar", "alpha_bar_prev", "sqrt_recip_alpha_bar", "sqrt_recipm1_alpha_bar"]
-
-
-def _off_by(coefs, column, rel=1e-5):
-    coefs = coefs.clone()
-    coefs[:, COEF[column]] *= 1 + rel
-    return coefs
+# update_oracle.DDPM_READS / DDIM_READS: the columns of `coefs` each update reads. A kernel that reads one
+# of them 1e-5 (about 170 float32 ulps) off must fail the error rule; the other columns must change nothing.
 
 
 @pytest.mark.parametrize("column", COEF_FIELDS)
@@ -320,7 +305,7 @@ def test_error_rule_fails_a_ddpm_kernel_with_one_coefficient_off_by_1e_5(varianc
     v = {1: v - 6, 0: v}.get(variance)  # log σ² for "learned"; none for the fixed variances
     call = [x, eps, v, grad, scale, noise, coefs, nonzero, variance, False]
     exact, right = ddpm_exact(*call), guided_ddpm_update_triton(*call)
-    call[6] = _off_by(coefs, column)
+    call[6] = off_by(coefs, column)
     wrong = guided_ddpm_update_triton(*call)
     check_update(right, exact)
     if column in DDPM_READS[VARIANCE_NAMES[variance]]:
@@ -338,7 +323,7 @@ def test_error_rule_fails_a_ddim_kernel_with_one_coefficient_off_by_1e_5(paper_f
     x, eps, _, grad, scale, noise, coefs, nonzero = update_inputs(seed=5)
     call = [x, eps, grad, scale, noise, coefs, nonzero, 0.5, False, paper_form]
     exact, right = ddim_exact(*call), guided_ddim_update_triton(*call)
-    call[5] = _off_by(coefs, column)
+    call[5] = off_by(coefs, column)
     wrong = guided_ddim_update_triton(*call)
     check_update(right, exact)
     if column in DDIM_READS:  # ᾱ_{t−1} = 1 (last step) off by 1e-5 even gives √(negative) = NaN

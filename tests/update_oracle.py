@@ -12,11 +12,28 @@ from __future__ import annotations
 from error_bounds import Bounded, assert_within_bound
 
 from fastguide.diffusion import denoised_xstart, guided_ddim_step, model_variance, posterior_mean
-from fastguide.kernels.reference import VARIANCE_CODES, unpack_coefficients
+from fastguide.kernels.reference import COEF, VARIANCE_CODES, unpack_coefficients
 from fastguide.schedule import StepCoefficients
 
 VARIANCE_NAMES = {code: name for name, code in VARIANCE_CODES.items()}
 OUTPUTS = ("x_prev", "pred_xstart")
+
+# The columns of `coefs` each update reads (a kernel that reads one of them 1e-5 off must fail check_update)
+_SHARED = ["sqrt_recip_alpha_bar", "sqrt_recipm1_alpha_bar", "posterior_mean_coef1", "posterior_mean_coef2"]
+DDPM_READS = {
+    "learned_range": _SHARED + ["log_beta", "posterior_log_variance_clipped"],
+    "learned": _SHARED,
+    "fixed_small": _SHARED + ["posterior_variance", "posterior_log_variance_clipped"],
+    "fixed_large": _SHARED + ["fixed_large_variance", "fixed_large_log_variance"],
+}
+DDIM_READS = ["alpha_bar", "alpha_bar_prev", "sqrt_recip_alpha_bar", "sqrt_recipm1_alpha_bar"]
+
+
+def off_by(coefs, column: str, rel: float = 1e-5):
+    """``coefs`` with the column ``column`` off by the relative ``rel``: a kernel with a wrong coefficient."""
+    coefs = coefs.clone()
+    coefs[:, COEF[column]] *= 1 + rel
+    return coefs
 
 
 def _coefficients(coefs) -> StepCoefficients:
