@@ -152,9 +152,15 @@ def choose(op: str, *args) -> str:
     raise BackendUnavailable(f"no backend can serve {op}: " + "; ".join(f"{n}: {r}" for n, r in reasons))
 
 
+def resolve(op: str, *args) -> Callable:
+    """The implementation :func:`choose` picks for calls like ``op(*args)``, to call directly from then on
+    (the sampler resolves its ops once, so that a compiled step holds no dispatch logic)."""
+    return _BACKENDS[choose(op, *args)][1](op)
+
+
 def call(op: str, *args):
     """Run ``op(*args)`` on the backend :func:`choose` picks."""
-    return _BACKENDS[choose(op, *args)][1](op)(*args)
+    return resolve(op, *args)(*args)
 
 
 @contextlib.contextmanager

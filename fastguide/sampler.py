@@ -24,10 +24,10 @@ from torch import nn
 
 from . import ops
 from .diffusion import DDIM_GUIDANCE, VARIANCES, StepOutput
-from .kernels.reference import VARIANCE_CODES
-from .guidance import ClassifierOutput, EntropyDriven, GuidancePolicy, NoGuidance, classifier_gradient, guidance_state
+from .guidance import EntropyDriven, GuidancePolicy, NoGuidance
 from .noise import FixedNoise, PerSampleNoise
 from .schedule import Schedule
+from .step import StepRecord, StepSpec, StepTables, first_fault, guided_step, nonfinite_code
 
 METHODS = ("ddpm", "ddim")
 
@@ -41,8 +41,12 @@ class SamplerConfig:
     clip_denoised: bool = True  # clip x̂_0 to [-1, 1]
     variance: str = "auto"  # DDPM variance: auto | learned_range | learned | fixed_small | fixed_large
     ddim_guidance: str = "adm"  # "adm": ε − sqrt(1−ᾱ)·s∇ (ADM, EDS release); "paper": ε − s∇ (Alg. 1)
-    check_finite: bool = True  # raise on NaN/inf from the networks (a host sync per check); scales are always checked
+    check_finite: bool = True  # raise on NaN/inf from the networks (read once, after the loop); scales always
     progress: bool = False  # show a progress bar
+    compile: bool | None = None  # the whole step in one torch.compile region; None: on CUDA, off on CPU
+    cuda_graphs: bool | None = None  # replay the compiled step as a CUDA graph; None: with compile on CUDA
+    precision: str = "auto"  # the networks' precision: auto (bfloat16 on CUDA), float32, bfloat16, float16
+    channels_last: bool | None = None  # channels-last images for the networks; None: on CUDA, off on CPU
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -54,16 +58,36 @@ class SamplerConfig:
             raise ValueError(f"unknown variance {self.variance!r}; expected 'auto' or one of {VARIANCES}")
         if self.ddim_guidance not in DDIM_GUIDANCE:
             raise ValueError(f"unknown ddim_guidance {self.ddim_guidance!r}; expected one of {DDIM_GUIDANCE}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; expected one of {sorted(PRECISIONS)}")
+        for name in ("compile", "cuda_graphs", "channels_last"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}")
+
+    def fast_path(self, device: torch.device) -> FastPath:
+        """The compile, CUDA-graph, precision and memory-format choices on ``device``, automatic ones resolved:
+        on CUDA everything on and bfloat16 networks; on CPU plain eager float32, which the benchmarks show
+        is the fastest once compile time is counted (benchmarks/RESULTS.md)."""
+        cuda = device.type == "cuda"
+        compile_ = cuda if self.compile is None else self.compile
+        graphs = (cuda and compile_) if self.cuda_graphs is None else self.cuda_graphs
+        if graphs and not cuda:
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}")
+        precision = ("bfloat16" if cuda else "float32") if self.precision == "auto" else self.precision
+        channels_last = cuda if self.channels_last is None else self.channels_last
+        return FastPath(compile_, graphs, PRECISIONS[precision], channels_last)
 
 
-class StepRecord(NamedTuple):
-    """Diagnostics of one step, per sample (None where no classifier was called)."""
+PRECISIONS = {"auto": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    t: torch.Tensor  # (B,) original timesteps
-    entropy: torch.Tensor | None  # (B,) H(p(ỹ|x_t)) in nats
-    scale: torch.Tensor | None  # (B,) guidance scale s
-    grad_norm: torch.Tensor | None  # (B,) ‖∇x log p(y|x_t)‖₂, before scaling
-    p_target: torch.Tensor | None  # (B,) p(y|x_t) of the target class
+
+class FastPath(NamedTuple):
+    """How the step runs (SamplerConfig.fast_path): what the automatic settings resolved to on a device."""
+
+    compile: bool  # torch.compile of the whole step
+    cuda_graphs: bool  # CUDA-graph replay of the compiled step
+    autocast: torch.dtype | None  # the networks under autocast to this dtype (None: float32)
+    channels_last: bool  # channels-last images for the networks
 
 
 class SamplingTrace(NamedTuple):
@@ -88,14 +112,6 @@ def _stack(records: list[StepRecord]) -> SamplingTrace:
         return None if any(v is None for v in values) else torch.stack(values).cpu()
 
     return SamplingTrace(torch.stack([r.t[0] for r in records]).cpu(), *(col(n) for n in StepRecord._fields[1:]))
-
-
-def _first_bad_sample(value: torch.Tensor) -> int | None:
-    """Index of the first sample with a NaN or +-inf, or None (one host sync)."""
-    finite = torch.isfinite(value.reshape(value.shape[0], -1)).all(dim=1)
-    if bool(finite.all()):
-        return None
-    return int((~finite).nonzero()[0, 0])
 
 
 class GuidedSampler:
@@ -149,7 +165,7 @@ class GuidedSampler:
             model, classifier, schedule, policy, config
         )  # fmt: skip
         self.guided = not isinstance(policy, NoGuidance)
-        self._floor_warned = False
+        self._runners: dict = {}
         self.image_shape = self._image_shape(model, classifier, image_shape)
         self.num_classes = num_classes or getattr(classifier, "out_channels", None) or getattr(
             model, "num_classes", None
@@ -230,106 +246,54 @@ class GuidedSampler:
 
     # ---- one step ----
 
-    def _eps_and_v(self, x: torch.Tensor, t_model: torch.Tensor, y: torch.Tensor, step: int):
-        kwargs = {"y": y} if self.class_cond else {}
-        with torch.no_grad():
-            out = self.model(x, t_model, **kwargs)
-        b, c = x.shape[:2]
-        if out.dim() != 4 or out.shape[0] != b or out.shape[1] not in (c, 2 * c) or out.shape[2:] != x.shape[2:]:
-            raise ValueError(
-                f"eps-model returned shape {tuple(out.shape)} for input {tuple(x.shape)}; "
-                f"expected ({b}, {c} or {2 * c}, {x.shape[2]}, {x.shape[3]})"
-            )
-        self._check("eps-model output", out, step)
-        out = out.float()
-        return (out, None) if out.shape[1] == c else torch.split(out, c, dim=1)
-
-    def _check(self, what: str, value: torch.Tensor, step: int, always: bool = False) -> None:
-        if not (self.config.check_finite or always):
-            return
-        bad = _first_bad_sample(value)
-        if bad is not None:
-            v = value[bad].reshape(-1)
-            v = v[~torch.isfinite(v)][0].item()
-            raise FloatingPointError(f"{what} is {v} for sample {bad} at step {step} (t={self._t_at(step)})")
-
     def _t_at(self, step: int) -> int:
         return self.schedule.timestep_map[self.schedule.num_steps - 1 - step]
 
-    def _check_logits(self, logits: torch.Tensor, step: int) -> None:
-        """Every sample's logits define p(y|x_t): no NaN, no +inf, and some class above −inf (a class at −inf
-        alone is allowed: p = 0). Else a FloatingPointError that names the classifier, the sample and the step."""
-        ok = ~(logits.isnan() | (logits == math.inf)).any(dim=1) & (logits > -math.inf).any(dim=1)
-        if bool(ok.all()):
-            return
-        bad = int((~ok).nonzero()[0, 0])
-        row = logits[bad]
-        cause = "nan" if row.isnan().any() else "inf" if (row == math.inf).any() else "-inf for every class"
-        raise FloatingPointError(
-            f"classifier logits are {cause} for sample {bad} at step {step} (t={self._t_at(step)}): "
-            "p(y|x_t), its entropy and the guidance scale are undefined"
-        )
+    def _spec(self, x: torch.Tensor, fast: FastPath) -> StepSpec:
+        """The step's static part on x's device: the fused ops resolved once (FASTGUIDE_BACKEND is read here)."""
+        cfg = self.config
+        b = x.shape[0]
+        ones = torch.ones(b, device=x.device)
+        coefs = torch.zeros(b, len(self.schedule.coefficient_matrix(torch.zeros(1, dtype=torch.long))[0]),
+                            device=x.device)  # fmt: skip
+        if cfg.method == "ddim":
+            update = ops.resolve("guided_ddim_update", x, x, x, ones, x, coefs, ones, cfg.eta, True, False)
+        else:
+            update = ops.resolve("guided_ddpm_update", x, x, x, x, ones, x, coefs, ones, 0, True)
+        entropy = None
+        if self.guided:
+            k = self.num_classes or 2
+            entropy = ops.resolve("softmax_entropy_scale", torch.zeros(b, k, device=x.device), ones.long())
+        return StepSpec(
+            model=self.model, classifier=self.classifier if self.guided else None, policy=self.policy,
+            num_timesteps=self.schedule.num_original_timesteps, class_cond=self.class_cond, method=cfg.method,
+            eta=cfg.eta, clip_denoised=cfg.clip_denoised, variance=cfg.variance,
+            paper_form=cfg.ddim_guidance == "paper", check_finite=cfg.check_finite, num_classes=self.num_classes,
+            entropy_op=entropy, update_op=update, autocast=fast.autocast, channels_last=fast.channels_last,
+        )  # fmt: skip
 
-    def _guidance(self, x, t_model, t_orig, y, step):
-        """(raw gradient, scale, record); gradient and scale are None when guidance is off."""
-        if not self.guided:
-            return None, None, StepRecord(t_orig, None, None, None, None)
-        out: ClassifierOutput = classifier_gradient(self.classifier, x, t_model, y)
-        if self.num_classes is not None and out.logits.shape[1] != self.num_classes:
-            raise ValueError(f"classifier returned {out.logits.shape[1]} logits; expected {self.num_classes}")
-        if self.config.check_finite:
-            self._check_logits(out.logits, step)
-        state = guidance_state(out, t_orig, self.schedule.num_original_timesteps)
-        scale = torch.as_tensor(self.policy(state), dtype=torch.float32, device=x.device).detach()
-        if scale.shape != (x.shape[0],):
-            raise ValueError(f"policy returned a scale of shape {tuple(scale.shape)}; expected ({x.shape[0]},)")
-        if _first_bad_sample(scale) is not None:  # the classifier's fault, or else the policy's
-            self._check_logits(out.logits, step)
-            self._check("guidance scale", scale, step, always=True)
-        self._warn_entropy_floor(state, step)
-        self._check("classifier gradient", out.grad, step)
-        return out.grad, scale, StepRecord(t_orig, out.entropy, scale, state.grad_norm, out.log_prob.exp())
-
-    def _warn_entropy_floor(self, state, step: int) -> None:
-        floor = getattr(self.policy, "entropy_floor", None)
-        if floor is None or self._floor_warned:
-            return
-        low = state.entropy < floor
-        if bool(low.any()):
-            self._floor_warned = True
-            i = int(low.nonzero()[0, 0])
-            warnings.warn(
-                f"entropy of sample {i} at step {step} is {state.entropy[i].item():.3g} nats, below the EDS floor "
-                f"{floor:g}: its scale is gamma*log(K)/floor; consider EntropyDriven(max_scale=...)",
-                stacklevel=3,
-            )
+    def _runner(self, x: torch.Tensor) -> _Runner:
+        """The step for x's device, dtype and shape: made (ops resolved, tables moved, compiled) once, reused."""
+        fast = self.config.fast_path(x.device)
+        key = (x.device, tuple(x.shape), ops.forced_backend(), fast)
+        if key not in self._runners:
+            self._runners[key] = _Runner(self._spec(x, fast), StepTables.of(self.schedule, x.device), fast)
+        return self._runners[key]
 
     def step(
         self, x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None, step: int = 0
     ) -> tuple[StepOutput, StepRecord]:
-        """One guided step from respaced indices ``index`` (B,) (samples may sit at different steps).
+        """One guided step from respaced indices ``index`` (B,) (samples may sit at different steps), eagerly.
 
-        Returns the update's output and the step's diagnostics.
+        Returns the update's output and the step's diagnostics; raises FloatingPointError (naming ``step``)
+        for a non-finite value, as :meth:`sample` does after its loop.
         """
-        t_model = self.schedule.model_timesteps(index)
-        t_orig = self.schedule.original_timesteps(index)
-        eps, v = self._eps_and_v(x, t_model, y, step)
-        grad, scale, record = self._guidance(x, t_model, t_orig, y, step)
-        coefs = self.schedule.coefficient_matrix(index)
-        nonzero = (index != 0).float()
-        cfg = self.config
-        if cfg.method == "ddim":
-            x_prev, xstart = ops.guided_ddim_update(
-                x, eps, grad, scale, noise, coefs, nonzero, cfg.eta, cfg.clip_denoised, cfg.ddim_guidance == "paper"
-            )
-        else:
-            variance = cfg.variance if cfg.variance != "auto" else ("fixed_large" if v is None else "learned_range")
-            if variance.startswith("learned") and v is None:
-                raise ValueError(f"variance {variance!r} needs a model with 2C output channels (eps and v)")
-            x_prev, xstart = ops.guided_ddpm_update(
-                x, eps, v, grad, scale, noise, coefs, nonzero, VARIANCE_CODES[variance], cfg.clip_denoised
-            )
-        return StepOutput(x_prev, xstart), record
+        y = y.to(x.device)
+        out, record, status = self._runner(x).eager(x, index.to(x.device), y, noise, int(y.max()))
+        fault = first_fault([status], lambda k: int(record.t[0]), first_step=step)
+        if fault is not None:
+            raise FloatingPointError(fault)
+        return out, record
 
     # ---- the loop ----
 
@@ -353,32 +317,107 @@ class GuidedSampler:
             :class:`SampleResult` with images (B, C, H, W), labels and the per-step trace.
         Raises:
             ValueError: bad labels, seeds, shapes or configuration, before any network call.
-            FloatingPointError: a network or the policy produced NaN/inf (names step and sample).
+            FloatingPointError: a network or the policy produced NaN/inf (names the first step and sample);
+                raised after the loop, which runs without host syncs.
         """
         device = self._device(device)
         if seeds is not None and (isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__")):
             raise ValueError(f"seeds must be a sequence with one seed per sample, got {seeds!r}")
         batch = len(seeds) if seeds is not None else (len(noise) if noise is not None else None)
-        self._floor_warned = False
         y = self._labels(labels, batch, device)
+        max_label = int(y.max())  # the labels were checked on the host just before: no extra wait
         source = self._noise_source(seeds, noise, device)
         needs_noise = self.config.method == "ddpm" or self.config.eta > 0
-        x = source.initial().to(device)
-        records = []
         n = self.schedule.num_steps
-        progress = _progress(n, self.config.progress)
-        for k in range(n):
-            index = torch.full((len(y),), n - 1 - k, device=device, dtype=torch.long)
-            z = source.step(k).to(device) if needs_noise else None
-            out, record = self.step(x, index, y, z, step=k)
-            x = out.x_prev
-            records.append(record)
-            if callback is not None:
-                callback(k, out, record)
-            progress.update(1)
-        progress.close()
-        self._check("sample", x, n - 1)
-        return SampleResult(x, y, _stack(records))
+        with torch.inference_mode(False):  # the classifier's gradient needs autograd, even inside inference_mode
+            x = source.initial().to(device)
+            runner = self._runner(x)
+            records, statuses = [], []
+            progress = _progress(n, self.config.progress)
+            for k in range(n):
+                index = runner.index(n - 1 - k, len(y))
+                z = source.step(k).to(device) if needs_noise else None
+                out, record, status = runner(x, index, y, z, max_label if k == 0 else -1)
+                x = out.x_prev
+                records.append(record)
+                statuses.append(status)
+                if callback is not None:
+                    callback(k, out, record)
+                progress.update(1)
+            progress.close()
+        fault = first_fault(statuses, self._t_at)
+        if fault is None and self.config.check_finite:
+            fault = first_fault([nonfinite_code(x)[None]], self._t_at, ("sample",), first_step=n - 1)
+        if fault is not None:
+            raise FloatingPointError(fault)
+        trace = _stack(records)
+        self._warn_entropy_floor(trace)
+        return SampleResult(x, y, trace)
+
+    def _warn_entropy_floor(self, trace: SamplingTrace) -> None:
+        """Once per run, where an entropy fell below the EDS floor (the scale is then γ·log K / floor)."""
+        floor = getattr(self.policy, "entropy_floor", None)
+        if floor is None or trace.entropy is None:
+            return
+        low = (trace.entropy < floor).nonzero()
+        if len(low):
+            step, i = (int(v) for v in low[0])
+            warnings.warn(
+                f"entropy of sample {i} at step {step} is {trace.entropy[step, i].item():.3g} nats, below the EDS "
+                f"floor {floor:g}: its scale is gamma*log(K)/floor; consider EntropyDriven(max_scale=...)",
+                stacklevel=3,
+            )
+
+
+class _Runner:
+    """The step of one sampler on one device and batch shape: eager, or compiled (and graph-replayed).
+
+    The first call for a shape runs eagerly, which checks the networks' output shapes with proper errors;
+    later calls run the compiled step. If compiling is impossible, it says why once and stays eager.
+    """
+
+    def __init__(self, spec: StepSpec, tables: StepTables, fast: FastPath):
+        self.spec, self.tables, self.fast = spec, tables, fast
+        self.validated = False
+        self.max_label_checked = -1  # labels up to this one are known to be among the classifier's classes
+        self.compiled = None
+        self._indices: dict[tuple[int, int], torch.Tensor] = {}
+        if fast.compile:
+            mode = "reduce-overhead" if fast.cuda_graphs else None
+            self.compiled = torch.compile(self._step, fullgraph=True, dynamic=False, mode=mode)
+
+    def _step(self, x, index, y, noise):
+        return guided_step(self.spec, self.tables, x, index, y, noise)
+
+    def eager(self, x, index, y, noise, max_label: int | None = None):
+        """The step run eagerly; with ``max_label``, the labels are checked against the classifier's logits."""
+        out = guided_step(self.spec, self.tables, x, index, y, noise, max_label)
+        if max_label is not None:
+            self.max_label_checked = max(self.max_label_checked, max_label)
+        return out
+
+    def index(self, i: int, batch: int) -> torch.Tensor:
+        """(batch,) int64 respaced index i on the device, made once per (i, batch)."""
+        key = (i, batch)
+        if key not in self._indices:
+            self._indices[key] = torch.full((batch,), i, dtype=torch.long, device=self.tables.coefs.device)
+        return self._indices[key]
+
+    def __call__(self, x, index, y, noise, max_label: int):
+        if self.compiled is None or not self.validated or max_label > self.max_label_checked:
+            self.validated = True
+            return self.eager(x, index, y, noise, max_label)
+        try:
+            with torch._dynamo.config.patch(trace_autograd_ops=True):  # autograd.grad inside the graph
+                out = self.compiled(x, index, y, noise)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            reason = " ".join(str(err).split())[:300]
+            warnings.warn(f"the guided step cannot be compiled, so it runs eagerly: {reason}", stacklevel=3)
+            self.compiled = None
+            return self._step(x, index, y, noise)
+        if self.fast.cuda_graphs:  # a replay overwrites its outputs: keep copies
+            out = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+        return out
 
 
 def _progress(total: int, enabled: bool):

@@ -79,10 +79,17 @@ def test_sampler_goes_through_dispatch_and_matches_the_torch_backend():
         torch.testing.assert_close(auto, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_sampler_calls_the_fused_ops_through_dispatch(monkeypatch):
-    seen = []
-    real = ops.call
-    monkeypatch.setattr(ops, "call", lambda op, *a: seen.append(op) or real(op, *a))
+def test_sampler_resolves_the_fused_ops_once_and_calls_them_every_step(monkeypatch):
+    """Dispatch is decided once per sampler (and device and shape), not at every call of a step."""
+    resolved, called = [], []
+    real = ops.resolve
+
+    def recording_resolve(op, *args):
+        resolved.append(op)
+        impl = real(op, *args)
+        return lambda *a: called.append(op) or impl(*a)
+
+    monkeypatch.setattr(ops, "resolve", recording_resolve)
     torch.manual_seed(0)
     unet = fg.adm.UNetModel(8, 3, 32, 6, 1, (), channel_mult=(1,)).eval()
     clf = fg.adm.EncoderUNetModel(8, 3, 32, 4, 1, (), channel_mult=(1,)).eval()
@@ -90,7 +97,10 @@ def test_sampler_calls_the_fused_ops_through_dispatch(monkeypatch):
         s = fg.GuidedSampler(unet, clf, fg.Schedule.create("linear", 1000, "ddim3"), fg.EntropyDriven(2.0),
                              fg.SamplerConfig(method=method))  # fmt: skip
         s.sample([1], seeds=[0])
-    assert seen == ["softmax_entropy_scale", "guided_ddpm_update"] * 3 + ["softmax_entropy_scale", "guided_ddim_update"] * 3
+        s.sample([2], seeds=[1])  # the same shape: nothing resolved again
+    assert resolved == ["guided_ddpm_update", "softmax_entropy_scale", "guided_ddim_update", "softmax_entropy_scale"]
+    update = ["softmax_entropy_scale", "guided_ddpm_update"] * 6 + ["softmax_entropy_scale", "guided_ddim_update"] * 6
+    assert called == update
 
 
 def test_per_sample_inputs_in_other_layouts_are_normalised_before_dispatch():

@@ -1,0 +1,235 @@
+"""One guided step as a pure function of tensors: the unit that ``torch.compile`` and CUDA graphs take whole.
+
+    x_t ─► eps-model(x_t, t) ─► (ε, v)
+    x_t ─► classifier(x_t, t) ─► logits ─► softmax–entropy–scale ─► d log p(y)/d logits ─► ∇x log p(y|x_t)
+        ─► policy (EDS: the fused op's own scale) ─► s
+    (x_t, ε, v, s, ∇, z) ─► guided DDPM/DDIM update ─► x_{t−1}
+
+:func:`guided_step` has no host syncs and no Python branch on a tensor's value: the schedule is
+gathered from device tables by index, and non-finite values are not raised but reported per sample
+in a status tensor (:data:`CHECKS` × B), which the sampler reads once after the loop
+(:func:`first_fault`). Shape checks are Python checks on static shapes: free once compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .diffusion import StepOutput
+from .guidance import EntropyDriven, GuidanceState
+from .kernels.reference import VARIANCE_CODES
+from .schedule import Schedule
+
+# what each row of a step's status tensor reports (in the order a fault is looked for within a step)
+CHECKS = ("eps-model output", "classifier logits", "guidance scale", "classifier gradient")
+NONFINITE = {1: "nan", 2: "inf", 3: "-inf"}  # status codes of a tensor: its first non-finite value
+LOGIT_FAULTS = {1: "nan", 2: "inf", 3: "-inf for every class"}  # status codes of a row of logits
+
+
+class StepRecord(NamedTuple):
+    """Diagnostics of one step, per sample (None where no classifier was called)."""
+
+    t: torch.Tensor  # (B,) original timesteps
+    entropy: torch.Tensor | None  # (B,) H(p(ỹ|x_t)) in nats
+    scale: torch.Tensor | None  # (B,) guidance scale s
+    grad_norm: torch.Tensor | None  # (B,) ‖∇x log p(y|x_t)‖₂, before scaling
+    p_target: torch.Tensor | None  # (B,) p(y|x_t) of the target class
+
+
+class StepTables(NamedTuple):
+    """The schedule as device tensors indexed by respaced index (gathered inside the step)."""
+
+    coefs: torch.Tensor  # (N, NUM_COEFS) float32 coefficient rows (kernels.reference.COEF_FIELDS)
+    t_model: torch.Tensor  # (N,) what the networks see (original t, or rescaled to 0..1000)
+    t_orig: torch.Tensor  # (N,) int64 original timesteps
+
+    @classmethod
+    def of(cls, schedule: Schedule, device: torch.device) -> StepTables:
+        every = torch.arange(schedule.num_steps)
+        return cls(
+            schedule.coefficient_matrix(every).to(device),
+            schedule.model_timesteps(every).to(device),
+            schedule.original_timesteps(every).to(device),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class StepSpec:
+    """Everything about a step that is not a tensor: networks, policy, update and the resolved ops."""
+
+    model: Callable[..., torch.Tensor]  # eps-model (x, t[, y=]) -> (B, C or 2C, H, W)
+    classifier: Callable[..., torch.Tensor] | None  # (x, t) -> (B, K) logits; None: unguided
+    policy: Callable[[GuidanceState], torch.Tensor]  # guidance-scale policy
+    num_timesteps: int  # T of the original schedule (for the policies)
+    class_cond: bool  # whether the eps-model takes y
+    method: str  # "ddpm" or "ddim"
+    eta: float  # DDIM stochasticity
+    clip_denoised: bool  # clip x̂0 to [-1, 1]
+    variance: str  # DDPM variance, or "auto" (learned range for 2C outputs, else fixed large)
+    paper_form: bool  # DDIM guidance ε − s∇ (Alg. 1) instead of ADM's ε − sqrt(1−ᾱ)·s∇
+    check_finite: bool  # report non-finite network outputs (the scale is always checked)
+    num_classes: int | None  # K the classifier must return, if known
+    entropy_op: Callable | None  # the resolved softmax_entropy_scale op
+    update_op: Callable  # the resolved guided_ddpm_update or guided_ddim_update op
+    autocast: torch.dtype | None = None  # run the networks under autocast to this dtype
+    channels_last: bool = False  # feed the networks channels-last images
+
+
+def _networks(spec: StepSpec, x: torch.Tensor):
+    """(input for the networks, autocast context) as the spec asks."""
+    if spec.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if spec.autocast is None:
+        return x, contextlib.nullcontext()
+    return x, torch.autocast(x.device.type, dtype=spec.autocast)
+
+
+def _detached_call(net, *args):
+    """``net(*args)`` with its parameters detached, so that they never get gradients (nn.Module only)."""
+    if not isinstance(net, nn.Module):
+        return net(*args)
+    params = {name: p.detach() for name, p in net.named_parameters()}
+    return torch.func.functional_call(net, params, args)
+
+
+def nonfinite_code(value: torch.Tensor) -> torch.Tensor:
+    """(B,) int8 per sample: 0 if finite, else the kind of its first non-finite value (:data:`NONFINITE`)."""
+    flat = value.detach().reshape(value.shape[0], -1)
+    bad = ~torch.isfinite(flat)
+    first = flat.gather(1, bad.to(torch.uint8).argmax(dim=1, keepdim=True)).squeeze(1)
+    kind = torch.where(first.isnan(), 1, torch.where(first > 0, 2, 3))
+    return torch.where(bad.any(dim=1), kind, 0).to(torch.int8)
+
+
+def logits_code(logits: torch.Tensor) -> torch.Tensor:
+    """(B,) int8 per sample: 0 if p(y|x_t) is defined, else why not (:data:`LOGIT_FAULTS`): a NaN, a +inf,
+    or every class at −inf (some classes at −inf is fine: they get p = 0)."""
+    z = logits.detach()
+    nan, inf, none = z.isnan().any(dim=1), (z == math.inf).any(dim=1), (z == -math.inf).all(dim=1)
+    return torch.where(nan, 1, torch.where(inf, 2, torch.where(none, 3, 0))).to(torch.int8)
+
+
+def eps_and_v(spec: StepSpec, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+    """(ε, v or None) in float32 from the eps-model, and its raw output; the output's shape is checked."""
+    x_in, ctx = _networks(spec, x)
+    kwargs = {"y": y} if spec.class_cond else {}
+    with torch.no_grad(), ctx:
+        out = spec.model(x_in, t, **kwargs)
+    b, c = x.shape[:2]
+    if out.dim() != 4 or out.shape[0] != b or out.shape[1] not in (c, 2 * c) or out.shape[2:] != x.shape[2:]:
+        raise ValueError(
+            f"eps-model returned shape {tuple(out.shape)} for input {tuple(x.shape)}; "
+            f"expected ({b}, {c} or {2 * c}, {x.shape[2]}, {x.shape[3]})"
+        )
+    out = out.float().contiguous()
+    eps, v = (out, None) if out.shape[1] == c else out.split(c, dim=1)
+    return eps.contiguous(), (None if v is None else v.contiguous()), out
+
+
+def check_labels(max_label: int, num_classes: int) -> None:
+    """ValueError when a target class id is not among the classifier's ``num_classes`` logits."""
+    if max_label >= num_classes:
+        raise ValueError(f"class id {max_label} is out of range for the classifier's {num_classes} classes")
+
+
+def classifier_pass(spec: StepSpec, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, max_label: int | None = None):
+    """(logits, fused softmax–entropy–scale, ∇x log p(y|x_t)): one forward, and one backward seeded with
+    d log p(y)/d logits = onehot(y) − p from the fused op (the gradient of Σ_i log p(y_i|x_i), as ADM's
+    cond_fn). For EDS the fused op also gives the scale γ·log K / max(H, floor)."""
+    eds = spec.policy if isinstance(spec.policy, EntropyDriven) else None
+    args = (1.0, 1e-6, 0.0) if eds is None else (eds.gamma, eds.entropy_floor, eds.max_scale or 0.0)
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        x_net, ctx = _networks(spec, x_in)
+        with ctx:
+            logits = _detached_call(spec.classifier, x_net, t)
+        if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"classifier returned shape {tuple(logits.shape)}; expected ({x.shape[0]}, K)")
+        if spec.num_classes is not None and logits.shape[1] != spec.num_classes:
+            raise ValueError(f"classifier returned {logits.shape[1]} logits; expected {spec.num_classes}")
+        if max_label is not None:  # the labels' range is checked in Python (no sync): eagerly, before compiling
+            check_labels(max_label, logits.shape[1])
+        fused = spec.entropy_op(logits.detach().float(), y, *args)
+        (grad,) = torch.autograd.grad(logits, x_in, grad_outputs=fused.dlogits.to(logits.dtype))
+    return logits.detach(), fused, grad.float()
+
+
+def guided_step(
+    spec: StepSpec, tables: StepTables, x: torch.Tensor, index: torch.Tensor, y: torch.Tensor,
+    noise: torch.Tensor | None, max_label: int | None = None,
+) -> tuple[StepOutput, StepRecord, torch.Tensor]:  # fmt: skip
+    """One guided step of every sample from its respaced index ``index`` (B,) (samples may differ).
+
+    Args:
+        x: (B, C, H, W) float32 x_t.  y: (B,) int64 target classes.
+        noise: (B, C, H, W) standard normal noise (DDPM, or DDIM with eta > 0), else None.
+        max_label: the largest of y, to check against the classifier's logits (eager calls; None: skip).
+    Returns:
+        (StepOutput(x_{t−1}, x̂0), StepRecord, status): status is (len(CHECKS), B) int8, nonzero where a
+        check failed (:func:`nonfinite_code`, :func:`logits_code`); nothing is raised for values.
+    """
+    coefs, t_model, t_orig = tables.coefs[index], tables.t_model[index], tables.t_orig[index]
+    nonzero = (index != 0).float()
+    eps, v, raw = eps_and_v(spec, x, t_model, y)
+    zeros = torch.zeros(x.shape[0], dtype=torch.int8, device=x.device)
+    eps_status = nonfinite_code(raw) if spec.check_finite else zeros
+    if spec.classifier is None:
+        grad = scale = None
+        record = StepRecord(t_orig, None, None, None, None)
+        status = torch.stack([eps_status, zeros, zeros, zeros])
+    else:
+        logits, fused, grad = classifier_pass(spec, x, t_model, y, max_label)
+        grad_norm = grad.flatten(1).norm(dim=1)
+        if isinstance(spec.policy, EntropyDriven):
+            scale = fused.scale
+        else:
+            state = GuidanceState(t_orig, spec.num_timesteps, logits.shape[1], fused.entropy, grad_norm, fused.log_prob)
+            scale = torch.as_tensor(spec.policy(state), dtype=torch.float32, device=x.device).detach()
+            if scale.shape != (x.shape[0],):
+                raise ValueError(f"policy returned a scale of shape {tuple(scale.shape)}; expected ({x.shape[0]},)")
+        scale_status = nonfinite_code(scale)
+        # without check_finite, bad logits are named only where they made the scale non-finite
+        logit_status = logits_code(logits) if spec.check_finite else torch.where(scale_status != 0, logits_code(logits), 0)
+        grad_status = nonfinite_code(grad) if spec.check_finite else zeros
+        record = StepRecord(t_orig, fused.entropy, scale, grad_norm, fused.log_prob.exp())
+        status = torch.stack([eps_status, logit_status.to(torch.int8), scale_status, grad_status])
+    if spec.method == "ddim":
+        x_prev, xstart = spec.update_op(
+            x, eps, grad, scale, noise, coefs, nonzero, spec.eta, spec.clip_denoised, spec.paper_form
+        )
+    else:
+        variance = spec.variance if spec.variance != "auto" else ("fixed_large" if v is None else "learned_range")
+        if variance.startswith("learned") and v is None:
+            raise ValueError(f"variance {variance!r} needs a model with 2C output channels (eps and v)")
+        x_prev, xstart = spec.update_op(
+            x, eps, v, grad, scale, noise, coefs, nonzero, VARIANCE_CODES[variance], spec.clip_denoised
+        )
+    return StepOutput(x_prev, xstart), record, status
+
+
+def first_fault(
+    statuses: list[torch.Tensor], t_of_step: Callable[[int], int], checks: tuple[str, ...] = CHECKS, first_step: int = 0
+) -> str | None:
+    """The message of the first non-finite value in per-step statuses (earliest step, then ``checks`` order,
+    then the lowest sample), or None. Step k of the list is step ``first_step + k`` of the run. One host
+    sync for the whole run."""
+    if not statuses:
+        return None
+    codes = torch.stack(statuses).cpu()  # (S, len(checks), B)
+    bad = codes.nonzero()
+    if not len(bad):
+        return None
+    k, check, sample = (int(v) for v in bad[0])  # nonzero() lists indices in row-major order
+    step = first_step + k
+    code, where = int(codes[k, check, sample]), f"for sample {sample} at step {step} (t={t_of_step(step)})"
+    if checks[check] == "classifier logits":
+        return (f"classifier logits are {LOGIT_FAULTS[code]} {where}: p(y|x_t), its entropy and the guidance scale "
+                "are undefined")  # fmt: skip
+    return f"{checks[check]} is {NONFINITE[code]} {where}"
