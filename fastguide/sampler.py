@@ -13,7 +13,10 @@ says so). Nothing is hidden in a wrapped model.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -369,6 +372,14 @@ class GuidedSampler:
             )
 
 
+# what tracing or compiling raises when the step cannot be one graph (a graph break in a policy, a backend
+# failure); a recompilation refused by error_on_recompile is not among them: it propagates
+_COMPILE_REFUSALS = (
+    torch._dynamo.exc.Unsupported, torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.UserError,
+    torch._dynamo.exc.TorchRuntimeError,
+)  # fmt: skip
+
+
 class _Runner:
     """The step of one sampler on one device and batch shape: eager, or compiled (and graph-replayed).
 
@@ -384,10 +395,10 @@ class _Runner:
         self._indices: dict[tuple[int, int], torch.Tensor] = {}
         if fast.compile:
             mode = "reduce-overhead" if fast.cuda_graphs else None
-            self.compiled = torch.compile(self._step, fullgraph=True, dynamic=False, mode=mode)
-
-    def _step(self, x, index, y, noise):
-        return guided_step(self.spec, self.tables, x, index, y, noise)
+            # FASTGUIDE_COMPILE_BACKEND=aot_eager traces exactly as inductor does, without its code generation
+            backend = os.environ.get("FASTGUIDE_COMPILE_BACKEND", "inductor")
+            step = _own_code(_step_of(spec, tables))
+            self.compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
 
     def eager(self, x, index, y, noise, max_label: int | None = None):
         """The step run eagerly; with ``max_label``, the labels are checked against the classifier's logits."""
@@ -410,14 +421,31 @@ class _Runner:
         try:
             with torch._dynamo.config.patch(trace_autograd_ops=True):  # autograd.grad inside the graph
                 out = self.compiled(x, index, y, noise)
-        except torch._dynamo.exc.TorchDynamoException as err:
+        except _COMPILE_REFUSALS as err:
             reason = " ".join(str(err).split())[:300]
             warnings.warn(f"the guided step cannot be compiled, so it runs eagerly: {reason}", stacklevel=3)
             self.compiled = None
-            return self._step(x, index, y, noise)
+            return guided_step(self.spec, self.tables, x, index, y, noise)
         if self.fast.cuda_graphs:  # a replay overwrites its outputs: keep copies
             out = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
         return out
+
+
+def _step_of(spec: StepSpec, tables: StepTables) -> Callable:
+    def step(x, index, y, noise):
+        return guided_step(spec, tables, x, index, y, noise)
+
+    return step
+
+
+_COMPILED = itertools.count()
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. torch.compile caches graphs, and counts recompilations against
+    its limit, per code object: without this, every sampler's step would be a recompilation of one function."""
+    code = fn.__code__.replace(co_name=f"guided_step_{next(_COMPILED)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 def _progress(total: int, enabled: bool):

@@ -29,7 +29,7 @@ from .schedule import Schedule
 
 # what each row of a step's status tensor reports (in the order a fault is looked for within a step)
 CHECKS = ("eps-model output", "classifier logits", "guidance scale", "classifier gradient")
-NONFINITE = {1: "nan", 2: "inf", 3: "-inf"}  # status codes of a tensor: its first non-finite value
+NONFINITE = {1: "nan", 2: "inf", 3: "-inf"}  # status codes of a tensor's non-finite values
 LOGIT_FAULTS = {1: "nan", 2: "inf", 3: "-inf for every class"}  # status codes of a row of logits
 
 
@@ -100,12 +100,10 @@ def _detached_call(net, *args):
 
 
 def nonfinite_code(value: torch.Tensor) -> torch.Tensor:
-    """(B,) int8 per sample: 0 if finite, else the kind of its first non-finite value (:data:`NONFINITE`)."""
+    """(B,) int8 per sample: 0 if finite, else what it holds (:data:`NONFINITE`): NaN before +inf before −inf."""
     flat = value.detach().reshape(value.shape[0], -1)
-    bad = ~torch.isfinite(flat)
-    first = flat.gather(1, bad.to(torch.uint8).argmax(dim=1, keepdim=True)).squeeze(1)
-    kind = torch.where(first.isnan(), 1, torch.where(first > 0, 2, 3))
-    return torch.where(bad.any(dim=1), kind, 0).to(torch.int8)
+    nan, inf, neg = flat.isnan().any(dim=1), (flat == math.inf).any(dim=1), (flat == -math.inf).any(dim=1)
+    return torch.where(nan, 1, torch.where(inf, 2, torch.where(neg, 3, 0))).to(torch.int8)
 
 
 def logits_code(logits: torch.Tensor) -> torch.Tensor:

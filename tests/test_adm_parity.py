@@ -27,6 +27,7 @@ import functools
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -336,6 +337,25 @@ def test_attention_is_adms_bit_for_bit_from_16_channels_per_head(channels):
                 assert torch.equal(ours, theirs)
             else:
                 torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_the_inductor_compiled_step_meets_the_float64_rule():
+    """The fast path as users get it (torch.compile with inductor, the whole step in one graph), on one
+    golden case (one compilation takes about a minute on 2 cores): every step by the float64 rule."""
+    import dataclasses
+
+    g = golden(str(GOLDEN_ROOT / "adm_tiny"))
+    prefix = "ddpm_uncond_constant"
+    base = g.sampler("ddpm", "uncond", "constant")
+    sampler = fg.GuidedSampler(base.model, base.classifier, base.schedule, base.policy,
+                               dataclasses.replace(base.config, compile=True))  # fmt: skip
+    steps = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no eager fallback
+        result = sampler.sample(g.y, noise=fg.FixedNoise(g.x_T, g.ref[f"{prefix}_noise"]),
+                                callback=lambda k, out, rec: steps.append(out.x_prev))  # fmt: skip
+    assert all(r.compiled is not None for r in sampler._runners.values())
+    check_trajectory_against_float64(g, prefix, steps, result)
 
 
 class _EpsOff(torch.nn.Module):
