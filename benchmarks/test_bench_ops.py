@@ -25,7 +25,7 @@ def update_inputs(shape, device=DEVICE, seed=0):
     x, eps, grad, noise = (torch.randn(shape, generator=g).to(device) for _ in range(4))
     v = torch.rand(shape, generator=g).mul(2).sub(1).to(device)
     scale = torch.full((b,), 3.0, device=device)
-    coefs = sched.coefficient_matrix(index).to(device)
+    coefs = sched.coefficients(index).to(device)
     nonzero = (index != 0).float().to(device)
     return x, eps, v, grad, scale, noise, coefs, nonzero
 

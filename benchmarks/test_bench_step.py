@@ -36,14 +36,11 @@ def test_guided_step_eds_32px_batch4(tagged_benchmark, method):
 
 def test_update_only_ddpm_64px_batch8(tagged_benchmark):
     """The pure-torch guided DDPM update alone (the part the fused kernels replace)."""
-    sched = fg.Schedule.create("linear", 1000, "250")
-    c = sched.coefficients(torch.full((8,), 100))
+    from fastguide.kernels.reference import VARIANCE_CODES, guided_ddpm_update_ref
+
+    coefs = fg.Schedule.create("linear", 1000, "250").coefficients(torch.full((8,), 100))
     x, eps, v, g, z = (torch.randn(8, 3, 64, 64) for _ in range(5))
-    nonzero = torch.ones(8, 1, 1, 1)
-
-    def update():
-        var, log_var = fg.diffusion.model_variance("learned_range", c, v.tanh())
-        return fg.guided_ddpm_step(x, eps, var, log_var, g, z, nonzero, c)
-
-    out = tagged_benchmark(update)
-    assert torch.isfinite(out.x_prev).all()
+    scale, nonzero = torch.ones(8), torch.ones(8)
+    code = VARIANCE_CODES["learned_range"]
+    out = tagged_benchmark(guided_ddpm_update_ref, x, eps, v.tanh(), g, scale, z, coefs, nonzero, code, True)
+    assert torch.isfinite(out[0]).all()

@@ -5,7 +5,6 @@ Implements *Entropy-driven Sampling and Training Scheme for Conditional Diffusio
 """
 
 from . import adm, ops
-from .diffusion import guided_ddim_step, guided_ddpm_step
 from .guidance import (
     POLICIES,
     ClassifierOutput,
@@ -24,6 +23,7 @@ from .images import to_uint8
 from .losses import ect_loss
 from .noise import FixedNoise, PerSampleNoise
 from .diffusion import StepOutput
+from .ops import guided_ddim_update, guided_ddpm_update
 from .sampler import GuidedSampler, SampleResult, SamplerConfig, SamplingTrace, StepRecord
 from .schedule import Schedule, space_timesteps
 
@@ -54,8 +54,8 @@ __all__ = [
     "ect_loss",
     "eds_scale",
     "entropy_from_log_probs",
-    "guided_ddim_step",
-    "guided_ddpm_step",
+    "guided_ddim_update",
+    "guided_ddpm_update",
     "space_timesteps",
     "to_uint8",
 ]

@@ -100,7 +100,7 @@ def guided_ddpm_update(
         x, eps, noise: (B, C, H, W) float32/float16/bfloat16, all one dtype and device.
         v: like x, the model's variance output (learned variances only), else None.
         grad, scale: (B, C, H, W) ∇x log p(y|x_t) and (B,) per-sample scale, or both None (unguided).
-        coefs: (B, NUM_COEFS) per-sample schedule coefficients (``kernels.reference.pack_coefficients``).
+        coefs: (B, NUM_COEFS) per-sample schedule coefficients (``Schedule.coefficients``).
         nonzero: (B,) 0 where t = 0.
         variance: code from ``kernels.reference.VARIANCE_CODES``.
     Returns:

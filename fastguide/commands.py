@@ -7,7 +7,6 @@ and renamed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -18,7 +17,7 @@ import warnings
 from pathlib import Path
 
 
-from .files import nearest_existing
+from .files import check_output_folder, nearest_existing
 from .guidance import POLICIES
 
 DEFAULT_OUT = "fastguide-out"
@@ -32,27 +31,6 @@ def _int_list(text: str, what: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip() != ""]
     except ValueError:
         raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
-
-
-def check_output_folder(out: str | os.PathLike) -> Path:
-    """``out`` as a Path, after proving a file can be created there (nothing is left behind).
-
-    Raises:
-        PermissionError: the folder (or the nearest existing parent) is not writable, or a parent is a file.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PermissionError(f"output folder {str(out)!r} exists and is not a folder")
-    probe = nearest_existing(out)
-    if not probe.is_dir():
-        raise PermissionError(f"output folder {str(out)!r} cannot be created: {str(probe)!r} is a file")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".fastguide-probe-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as err:
-        raise PermissionError(f"output folder {str(out)!r} is not writable ({err.strerror})") from None
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ sample
@@ -82,8 +60,9 @@ def add_sample_command(sub) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
     p.add_argument("--batch_size", type=int, default=100, help="samples per batch (default: 100)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="network precision (default: float32)")  # fmt: skip
+    from .generate import add_fast_path_arguments
+
+    add_fast_path_arguments(p)
     p.add_argument("--grad_maps", type=int, default=0, metavar="M",
                    help="also plot |s·∇| of the first M samples at 8 steps, this policy against ADM's constant "
                    "scale 1 on the same seeds (Fig. 4; default: 0 = off)")  # fmt: skip
@@ -210,8 +189,8 @@ def run_sample(args) -> None:
     _pyplot()  # the plots' dependency, before any work
     start = time.perf_counter()
     guided = args.policy != "none"
-    nets = load_networks(args.model, args.classifier if guided else None, device, args.dtype)
-    sampler = make_sampler(nets, plan["policy"], args.method, args.respacing, args.eta)
+    nets = load_networks(args.model, args.classifier if guided else None, device)
+    sampler = make_sampler(nets, plan["policy"], args.method, args.respacing, args.eta, args.compile, args.precision)
     n_steps = sampler.schedule.num_steps
     m = min(args.grad_maps, len(plan["labels"]))
     map_steps = sorted({round(i * (n_steps - 1) / (GRAD_MAP_STEPS - 1)) for i in range(GRAD_MAP_STEPS)}) if m else []
@@ -220,7 +199,8 @@ def run_sample(args) -> None:
     seconds = time.perf_counter() - start
     baseline = None
     if map_steps:  # Fig. 4 compares with ADM's constant scale 1 on the same seeds
-        base_sampler = make_sampler(nets, build_policy("constant", 1.0), args.method, args.respacing, args.eta)
+        base_sampler = make_sampler(nets, build_policy("constant", 1.0), args.method, args.respacing, args.eta,
+                                    args.compile, args.precision)  # fmt: skip
         baseline = generate(base_sampler, plan["labels"][:m], plan["seeds"][:m], args.batch_size, device,
                             progress=False, grad_map_steps=map_steps, grad_map_samples=m)  # fmt: skip
     what = (f"{args.model} UNet, {args.classifier} classifier, {plan['policy']!r}, {args.method} "
@@ -236,7 +216,8 @@ def run_sample(args) -> None:
         "samples": n,
         "sampling_seconds": round(seconds, 2),
         "device": str(device),
-        "dtype": args.dtype,
+        "precision": args.precision,
+        "fast_path": sampler.config.fast_path(device)._asdict() | {"autocast": str(sampler.config.fast_path(device).autocast)},
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "files": names,
     }

@@ -1,9 +1,11 @@
-"""The guided DDPM and DDIM updates as small pure functions over tensors.
+"""The formulas of the guided DDPM and DDIM updates, as small pure functions over tensors.
 
-Coefficients come from :meth:`fastguide.schedule.Schedule.coefficients` as (B,1,1,1) float32 tensors,
-so every sample of a batch may sit at its own timestep. The arithmetic follows ADM's
-``GaussianDiffusion`` operation by operation (same order, float32), which is what makes the
-golden trajectories agree to float32 rounding.
+They are the pure-torch reference of the fused updates (:mod:`fastguide.kernels.reference`); the public
+update API is :func:`fastguide.guided_ddpm_update` / :func:`fastguide.guided_ddim_update`, which take the
+coefficient matrix of :meth:`fastguide.Schedule.coefficients`. Here its columns come as named (B,1,1,1)
+float32 views (:meth:`fastguide.schedule.StepCoefficients.of`), so every sample of a batch may sit at its
+own timestep. The arithmetic follows ADM's ``GaussianDiffusion`` operation by operation (same order,
+float32), which is what makes the golden trajectories agree to float32 rounding.
 """
 
 from __future__ import annotations

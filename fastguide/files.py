@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -63,6 +64,27 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     return path
+
+
+def check_output_folder(out: str | os.PathLike) -> Path:
+    """``out`` as a Path, after proving a file can be created there (nothing is left behind).
+
+    Raises:
+        PermissionError: the folder (or the nearest existing parent) is not writable, or a parent is a file.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PermissionError(f"output folder {str(out)!r} exists and is not a folder")
+    probe = nearest_existing(out)
+    if not probe.is_dir():
+        raise PermissionError(f"output folder {str(out)!r} cannot be created: {str(probe)!r} is a file")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".fastguide-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise PermissionError(f"output folder {str(out)!r} is not writable ({err.strerror})") from None
+    return out
 
 
 def nearest_existing(path: str | os.PathLike) -> Path:

@@ -8,6 +8,7 @@ live here too; every file is written to a temporary name and renamed, so none is
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,10 +25,20 @@ from .images import to_uint8
 from .sampler import GuidedSampler, SamplerConfig
 from .schedule import Schedule
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODELS = {"cond": "cadm", "uncond": "uadm"}
 CLASSIFIERS = {"ect": "classifier_ect", "ce": "classifier_ce"}
 DEFAULT_RESPACING = {"ddim": "ddim25", "ddpm": "250"}
+
+
+def add_fast_path_arguments(p: argparse.ArgumentParser) -> None:
+    """--compile/--no-compile and --precision (SamplerConfig.compile and .precision)."""
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the whole guided step with torch.compile (default: on CUDA only; on the CPU the "
+                   "minute of compiling pays only for long runs)")  # fmt: skip
+    p.add_argument("--precision", "--dtype", dest="precision", default="auto",
+                   choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the networks' precision, the rest stays float32 (default: auto = bfloat16 on CUDA, "
+                   "float32 on the CPU)")  # fmt: skip
 
 
 def build_policy(name: str, strength: float | None = None, threshold: float | None = None,
@@ -55,26 +66,6 @@ def build_policy(name: str, strength: float | None = None, threshold: float | No
             raise ValueError(f"t_max applies to the constant-range policy only, not {name!r}")
         kwargs["t_max"] = t_max
     return cls(**kwargs)
-
-
-class _Autocast(nn.Module):
-    """Runs ``net`` under autocast to ``dtype`` (bfloat16 uses AMX on recent CPUs) and returns float32.
-
-    The weights stay float32 and the sampler's arithmetic (update, entropy, scales) stays float32; only
-    the networks' matmuls and convolutions run in ``dtype``. Guidance gradients reach the float32 input.
-    """
-
-    def __init__(self, net: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.net = net
-        self.dtype = dtype
-        for name in ("in_channels", "image_size", "num_classes", "out_channels"):
-            if hasattr(net, name):
-                setattr(self, name, getattr(net, name))
-
-    def forward(self, x, t, **kwargs):
-        with torch.autocast(x.device.type, dtype=self.dtype):
-            return self.net(x, t, **kwargs).float()
 
 
 def run_dir(spec: str, names: dict[str, str], what: str) -> Path:
@@ -114,22 +105,14 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def load_networks(model: str = "cond", classifier: str | None = "ect", device: str | torch.device = "cpu",
-                  dtype: str = "float32") -> Networks:  # fmt: skip
+def load_networks(model: str = "cond", classifier: str | None = "ect", device: str | torch.device = "cpu") -> Networks:
     """The eps-model and classifier by name (``cond``/``uncond``, ``ect``/``ce``) or run folder."""
-    from .pretrained import run_flags
-
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    from .pretrained import load_run
+    from .pretrained import load_run, run_flags
 
     unet_path = run_dir(model, MODELS, "model")
     unet = load_run(unet_path)
     clf = load_run(run_dir(classifier, CLASSIFIERS, "classifier")) if classifier is not None else None
-    nets = [unet.to(device)] + ([clf.to(device)] if clf is not None else [])
-    if dtype != "float32":
-        nets = [_Autocast(n, DTYPES[dtype]) for n in nets]
-    return Networks(nets[0], nets[1] if clf is not None else None, run_flags(unet_path))
+    return Networks(unet.to(device), None if clf is None else clf.to(device), run_flags(unet_path))
 
 
 @dataclass
@@ -147,11 +130,14 @@ class Generated:
 
 
 def make_sampler(nets: Networks, policy: GuidancePolicy, method: str = "ddim", respacing: str | None = None,
-                 eta: float = 0.0) -> GuidedSampler:  # fmt: skip
+                 eta: float = 0.0, compile: bool | None = None, precision: str = "auto") -> GuidedSampler:  # fmt: skip
+    """A sampler of ``nets`` (see :class:`SamplerConfig` for ``compile`` and ``precision``; None / "auto":
+    the fast path on CUDA, eager float32 on the CPU)."""
     respacing = DEFAULT_RESPACING[method] if respacing in (None, "") and method in DEFAULT_RESPACING else respacing
     schedule: Schedule = nets.flags.schedule(respacing)
-    return GuidedSampler(nets.model, None if isinstance(policy, NoGuidance) else nets.classifier,
-                         schedule, policy, SamplerConfig(method=method, eta=eta))  # fmt: skip
+    config = SamplerConfig(method=method, eta=eta, compile=compile, precision=precision)
+    return GuidedSampler(nets.model, None if isinstance(policy, NoGuidance) else nets.classifier, schedule, policy,
+                         config)  # fmt: skip
 
 
 def generate(

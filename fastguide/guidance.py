@@ -27,9 +27,8 @@ from typing import NamedTuple, Protocol
 import torch
 
 from . import ops
+from .entropy import DEFAULT_ENTROPY_FLOOR, eds_scale, entropy_from_log_probs  # noqa: F401 (the public names)
 
-# H(p) never goes below this (nats) when it divides: a confident classifier in float32 can give H = 0
-DEFAULT_ENTROPY_FLOOR = 1e-6
 
 
 class ClassifierOutput(NamedTuple):
@@ -54,16 +53,6 @@ class GuidanceState(NamedTuple):
 
 class GuidancePolicy(Protocol):
     def __call__(self, state: GuidanceState) -> torch.Tensor: ...
-
-
-def entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
-    """H(p) = −Σ p log p over the last axis, in float32, from log-probabilities.
-
-    Classes with p = 0 (log p = −inf) contribute 0; a NaN anywhere in a row gives NaN.
-    """
-    lp = log_probs.float()
-    plogp = torch.where(lp == -math.inf, torch.zeros_like(lp), lp.exp() * lp)
-    return -plogp.sum(dim=-1)
 
 
 def check_class_ids(y: torch.Tensor, num_classes: int, whose: str = "") -> None:
@@ -170,18 +159,6 @@ class EntropyDriven:
 
     def __call__(self, state: GuidanceState) -> torch.Tensor:
         return eds_scale(state.entropy, state.num_classes, self.gamma, self.entropy_floor, self.max_scale)
-
-
-def eds_scale(
-    entropy: torch.Tensor,
-    num_classes: int,
-    gamma: float,
-    entropy_floor: float = DEFAULT_ENTROPY_FLOOR,
-    max_scale: float | None = None,
-) -> torch.Tensor:
-    """EDS scale ``γ · log K / max(H, floor)`` (Eq. 10), optionally capped at ``max_scale``. NaN stays NaN."""
-    s = gamma * math.log(num_classes) / entropy.detach().clamp_min(entropy_floor)
-    return s if max_scale is None else s.clamp_max(max_scale)
 
 
 @dataclass(frozen=True)

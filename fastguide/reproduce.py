@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import atomic_write
-from .generate import DEFAULT_RESPACING
+from .generate import DEFAULT_RESPACING, add_fast_path_arguments
 
 MODELS = ("uncond", "cond")
 CLASSIFIERS = ("ce", "ect")
@@ -106,6 +106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", action="store_true",
                    help="run nothing: rewrite results.md and the plots from OUT/results.csv (lists missing runs)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_fast_path_arguments(p)
 
 
 def _choices(text: str, allowed, what: str) -> tuple[str, ...]:
@@ -192,7 +193,7 @@ def markdown(rows: list[dict], command: str, settings: str, missing: list[Run] =
 
 
 def run(args: argparse.Namespace) -> None:
-    from .commands import check_output_folder
+    from .files import check_output_folder
     from .evaluation import Evaluator
     from .generate import build_policy, generate, load_networks, make_sampler, resolve_device
     from .plots import save_sweep_plot
@@ -245,7 +246,8 @@ def run(args: argparse.Namespace) -> None:
         threshold = GRADIENT_NORM_THRESHOLD if r.policy == "gradient-norm" else None
         policy = build_policy(r.policy, strength, threshold)
         method = r.sampler.split("-")[0]
-        sampler = make_sampler(nets_cache[key], policy, method, respacing[method])
+        sampler = make_sampler(nets_cache[key], policy, method, respacing[method], compile=args.compile,
+                               precision=args.precision)  # fmt: skip
         start = time.perf_counter()
         desc = f"[{i + 1}/{len(todo)}] {r.model} {r.sampler} {r.classifier} {r.policy} {r.strength:g}"
         try:

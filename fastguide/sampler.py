@@ -257,8 +257,7 @@ class GuidedSampler:
         cfg = self.config
         b = x.shape[0]
         ones = torch.ones(b, device=x.device)
-        coefs = torch.zeros(b, len(self.schedule.coefficient_matrix(torch.zeros(1, dtype=torch.long))[0]),
-                            device=x.device)  # fmt: skip
+        coefs = self.schedule.coefficients(torch.zeros(b, dtype=torch.long, device=x.device))
         if cfg.method == "ddim":
             update = ops.resolve("guided_ddim_update", x, x, x, ones, x, coefs, ones, cfg.eta, True, False)
         else:

@@ -108,9 +108,10 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int] | 
 
 
 class StepCoefficients(NamedTuple):
-    """Schedule values at one step, gathered per sample and shaped (B, 1, 1, 1), float32.
+    """Named (B, 1, 1, 1) views of the columns of a coefficient matrix (:meth:`Schedule.coefficients`,
+    the one form every update takes), for the formulas of :mod:`fastguide.diffusion`.
 
-    Names follow ADM's GaussianDiffusion attributes; all are computed in float64 and cast once.
+    Names follow ADM's GaussianDiffusion attributes; all are computed in float64 and cast once to float32.
     """
 
     alpha_bar: torch.Tensor  # ᾱ_t
@@ -124,6 +125,13 @@ class StepCoefficients(NamedTuple):
     log_beta: torch.Tensor  # log β_t (upper end of the learned range)
     fixed_large_variance: torch.Tensor  # β_t with β̃_1 in place of β_0 (ADM's FIXED_LARGE)
     fixed_large_log_variance: torch.Tensor  # its log, taken in float64
+
+    @classmethod
+    def of(cls, coefs: torch.Tensor) -> StepCoefficients:
+        """The columns of a (B, NUM_COEFS) coefficient matrix as named (B, 1, 1, 1) views."""
+        if coefs.dim() != 2 or coefs.shape[1] != len(cls._fields):
+            raise ValueError(f"coefs has shape {tuple(coefs.shape)}, expected (B, {len(cls._fields)})")
+        return cls(*(coefs[:, i].reshape(-1, 1, 1, 1) for i in range(len(cls._fields))))
 
 
 _TABLES = StepCoefficients._fields
@@ -207,19 +215,11 @@ class Schedule:
         """A float64 table of the chain, indexed by respaced index (e.g. ``"alpha_bar"``)."""
         return self._tables[name]
 
-    def coefficients(self, index: torch.Tensor) -> StepCoefficients:
-        """Gather every coefficient at respaced indices ``index`` (B,), as (B,1,1,1) float32 on its device.
-
-        Values are taken from the float64 tables and cast to float32 once, as ADM's ``_extract_into_tensor``.
-        """
-        idx = index.detach().to("cpu", torch.long)
-        return StepCoefficients(
-            *(self._tables[n][idx].to(device=index.device, dtype=torch.float32).view(-1, 1, 1, 1) for n in _TABLES)
-        )
-
-    def coefficient_matrix(self, index: torch.Tensor) -> torch.Tensor:
-        """(B, len(StepCoefficients._fields)) float32 rows of coefficients at respaced ``index`` (B,),
-        columns in StepCoefficients order, on index's device: the ``coefs`` input of the fused ops."""
+    def coefficients(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, NUM_COEFS) float32 coefficient rows at respaced indices ``index`` (B,), columns in
+        :class:`StepCoefficients` order, on index's device: the ``coefs`` input of every update
+        (:meth:`StepCoefficients.of` names its columns). Taken from the float64 tables and cast to float32
+        once, as ADM's ``_extract_into_tensor``."""
         return self._tables["_matrix"][index.detach().to("cpu", torch.long)].to(index.device)
 
     def original_timesteps(self, index: torch.Tensor) -> torch.Tensor:

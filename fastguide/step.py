@@ -54,7 +54,7 @@ class StepTables(NamedTuple):
     def of(cls, schedule: Schedule, device: torch.device) -> StepTables:
         every = torch.arange(schedule.num_steps)
         return cls(
-            schedule.coefficient_matrix(every).to(device),
+            schedule.coefficients(every).to(device),
             schedule.model_timesteps(every).to(device),
             schedule.original_timesteps(every).to(device),
         )

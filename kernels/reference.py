@@ -21,9 +21,9 @@ Shared conventions of the two updates:
 * x, eps, noise, grad: (B, C, H, W), float32 (fp16/bf16 accepted and computed in float32, results in
   x's dtype); v: like x or None (only for the learned variances); grad and scale are both given or
   both None (unguided); noise may be None for DDIM with eta = 0.
-* ``coefs``: (B, NUM_COEFS) float32, one row per sample, the columns of
-  :class:`fastguide.schedule.StepCoefficients` in ``COEF_FIELDS`` order (see :func:`pack_coefficients`),
-  so every sample may sit at its own timestep. ``nonzero``: (B,) float32, 0 where t = 0.
+* ``coefs``: (B, NUM_COEFS) float32, one row per sample (:meth:`fastguide.Schedule.coefficients`), the
+  columns of :class:`fastguide.schedule.StepCoefficients` in ``COEF_FIELDS`` order, so every sample may
+  sit at its own timestep. ``nonzero``: (B,) float32, 0 where t = 0.
 * ``variance``: an int code from ``VARIANCE_CODES``.
 """
 
@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from fastguide.diffusion import guided_ddim_step, guided_ddpm_step, model_variance
-from fastguide.guidance import eds_scale, entropy_from_log_probs
+from fastguide.entropy import eds_scale, entropy_from_log_probs
 from fastguide.schedule import StepCoefficients
 
 COEF_FIELDS = StepCoefficients._fields
@@ -48,16 +48,6 @@ class SoftmaxEntropy(NamedTuple):
     entropy: torch.Tensor  # (B,) float32 H(p) in nats
     scale: torch.Tensor  # (B,) float32 EDS scale γ·log K / max(H, floor), capped
     dlogits: torch.Tensor  # (B, K) float32 d log p(y) / d logits = onehot(y) − p
-
-
-def pack_coefficients(c: StepCoefficients) -> torch.Tensor:
-    """(B, NUM_COEFS) float32 matrix of per-sample coefficients, columns in ``COEF_FIELDS`` order."""
-    return torch.cat([v.reshape(-1, 1).float() for v in c], dim=1).contiguous()
-
-
-def unpack_coefficients(coefs: torch.Tensor) -> StepCoefficients:
-    """Inverse of :func:`pack_coefficients`: (B,1,1,1) views per field."""
-    return StepCoefficients(*(coefs[:, i].reshape(-1, 1, 1, 1) for i in range(NUM_COEFS)))
 
 
 def softmax_entropy_scale_ref(
@@ -96,7 +86,7 @@ def guided_ddpm_update_ref(
     clip_denoised: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``guided_ddpm_update`` (see the module doc)."""
-    c = unpack_coefficients(coefs.float())
+    c = StepCoefficients.of(coefs.float())
     name = next(k for k, code in VARIANCE_CODES.items() if code == variance)
     var, log_var = model_variance(name, c, None if v is None else v.float())
     out = guided_ddpm_step(
@@ -119,7 +109,7 @@ def guided_ddim_update_ref(
     paper_form: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``guided_ddim_update`` (see the module doc)."""
-    c = unpack_coefficients(coefs.float())
+    c = StepCoefficients.of(coefs.float())
     out = guided_ddim_step(
         x.float(), eps.float(), _guidance(grad, scale), None if noise is None else noise.float(),
         nonzero.float().view(-1, 1, 1, 1), c, eta, clip_denoised, "paper" if paper_form else "adm",

@@ -156,4 +156,20 @@ def softmax_entropy_scale_triton(
     Returns:
         SoftmaxEntropy(log_prob (B,), entropy (B,), scale (B,), dlogits (B, K)), all float32.
     """
-    return launch_softmax_entropy_scale(logits, y, gamma, entropy_floor, max_scale)
+    return SoftmaxEntropy(*torch.ops.fastguide.softmax_entropy_scale_triton(logits, y, gamma, entropy_floor, max_scale))
+
+
+# registered with torch.library (an opaque op with a fake implementation), so that torch.compile traces a
+# step that calls it without a graph break, as the C++ ops are
+@torch.library.custom_op("fastguide::softmax_entropy_scale_triton", mutates_args=())
+def _softmax_entropy_scale_op(
+    logits: torch.Tensor, y: torch.Tensor, gamma: float, entropy_floor: float, max_scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(launch_softmax_entropy_scale(logits, y, gamma, entropy_floor, max_scale))
+
+
+@_softmax_entropy_scale_op.register_fake
+def _(logits, y, gamma, entropy_floor, max_scale):
+    B, K = logits.shape
+    rows = [logits.new_empty(B, dtype=torch.float32) for _ in range(3)]
+    return (*rows, logits.new_empty(B, K, dtype=torch.float32))

@@ -287,7 +287,7 @@ def _check_common(x, coefs, nonzero, grad, scale):
     check_float("x", x)
     B = x.shape[0]
     if coefs.shape != (B, NUM_COEFS):
-        raise ValueError(f"coefs has shape {tuple(coefs.shape)}, expected ({B}, {NUM_COEFS}) (see pack_coefficients)")
+        raise ValueError(f"coefs has shape {tuple(coefs.shape)}, expected ({B}, {NUM_COEFS}) (see Schedule.coefficients)")
     if not coefs.dtype.is_floating_point or coefs.device != x.device:
         raise ValueError(f"coefs must be a floating tensor on {x.device}, got {coefs.dtype} on {coefs.device}")
     if (grad is None) != (scale is None):
@@ -390,12 +390,13 @@ def guided_ddpm_update_triton(
         x, eps, noise: (B, C, H, W) float32/float16/bfloat16 (computed in float32).
         v: like x (the model's variance output) for ``learned_range``/``learned``, else None.
         grad, scale: ∇x log p(y|x_t) like x and (B,) scales, or both None (unguided).
-        coefs: (B, NUM_COEFS) per-sample coefficients (``pack_coefficients``); nonzero: (B,), 0 where t = 0.
+        coefs: (B, NUM_COEFS) per-sample coefficients (``Schedule.coefficients``); nonzero: (B,), 0 where t = 0.
         variance: code from ``VARIANCE_CODES``; clip_denoised: clamp x̂0 to [−1, 1].
     Returns:
         (x_prev, pred_xstart), both (B, C, H, W) in x's dtype, contiguous.
     """
-    return launch_guided_ddpm_update(x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip_denoised)
+    return torch.ops.fastguide.guided_ddpm_update_triton(x, eps, v, grad, scale, noise, coefs, nonzero, variance,
+                                                         clip_denoised)  # fmt: skip
 
 
 def guided_ddim_update_triton(
@@ -418,10 +419,42 @@ def guided_ddim_update_triton(
         x, eps: (B, C, H, W) float32/float16/bfloat16 (computed in float32).
         grad, scale: ∇x log p(y|x_t) like x and (B,) scales, or both None (unguided).
         noise: like x; used only when eta > 0 (may be None when eta = 0).
-        coefs: (B, NUM_COEFS) per-sample coefficients (``pack_coefficients``); nonzero: (B,), 0 where t = 0.
+        coefs: (B, NUM_COEFS) per-sample coefficients (``Schedule.coefficients``); nonzero: (B,), 0 where t = 0.
         eta: η >= 0; clip_denoised: clamp the first x̂0 to [−1, 1];
         paper_form: ε̂ = ε − g (Algorithm 1) instead of ADM's ε − sqrt(1 − ᾱ)·g.
     Returns:
         (x_prev, pred_xstart), both (B, C, H, W) in x's dtype, contiguous.
     """
+    return torch.ops.fastguide.guided_ddim_update_triton(x, eps, grad, scale, noise, coefs, nonzero, eta, clip_denoised,
+                                                         paper_form)  # fmt: skip
+
+
+# registered with torch.library (opaque ops with fake implementations), so that torch.compile traces a step
+# that calls them without a graph break, as the C++ ops are
+T = torch.Tensor
+
+
+@torch.library.custom_op("fastguide::guided_ddpm_update_triton", mutates_args=())
+def _guided_ddpm_update_op(
+    x: T, eps: T, v: T | None, grad: T | None, scale: T | None, noise: T, coefs: T, nonzero: T, variance: int,
+    clip_denoised: bool,
+) -> tuple[T, T]:  # fmt: skip
+    return launch_guided_ddpm_update(x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip_denoised)
+
+
+@torch.library.custom_op("fastguide::guided_ddim_update_triton", mutates_args=())
+def _guided_ddim_update_op(
+    x: T, eps: T, grad: T | None, scale: T | None, noise: T | None, coefs: T, nonzero: T, eta: float,
+    clip_denoised: bool, paper_form: bool,
+) -> tuple[T, T]:  # fmt: skip
     return launch_guided_ddim_update(x, eps, grad, scale, noise, coefs, nonzero, eta, clip_denoised, paper_form)
+
+
+@_guided_ddpm_update_op.register_fake
+def _(x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip_denoised):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@_guided_ddim_update_op.register_fake
+def _(x, eps, grad, scale, noise, coefs, nonzero, eta, clip_denoised, paper_form):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(x.shape, dtype=x.dtype, device=x.device)

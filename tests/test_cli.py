@@ -363,3 +363,20 @@ def test_sampling_again_into_a_folder_replaces_the_earlier_run(tmp_path, capsys)
     run = json.loads((out / "run.json").read_text())
     assert sorted(run["files"].values()) == ["grid.png", "run.json", "samples_1x32x32x1.npz"]
     assert "removed the earlier run's grad_maps.png, samples_4x32x32x1.npz, trace.png" in capsys.readouterr().out
+
+
+def test_precision_and_compile_options_reach_the_sampler(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTGUIDE_COMPILE_BACKEND", "aot_eager")  # the same trace, no code generation
+    out = tmp_path / "o"
+    assert main(["sample", "--out", str(out), *TINY, "--compile", "--precision", "bfloat16"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["precision"] == "bfloat16"
+    assert run["fast_path"] == {"compile": True, "cuda_graphs": False, "autocast": "torch.bfloat16", "channels_last": False}
+    assert main(["sample", "--out", str(tmp_path / "d"), *TINY, "--dtype", "float32", "--no-compile"]) == 0  # alias
+    assert json.loads((tmp_path / "d" / "run.json").read_text())["fast_path"]["compile"] is False
+
+
+def test_bad_precision_is_an_argparse_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--out", str(tmp_path / "o"), "--precision", "fp8"])
+    assert exc.value.code == 2 and "argument --precision/--dtype: invalid choice: 'fp8'" in capsys.readouterr().err

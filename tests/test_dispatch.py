@@ -13,7 +13,7 @@ def _ddim_args(b=2):
     sched = fg.Schedule.create("linear", 1000, "ddim10")
     index = torch.tensor([9, 3])[:b]
     x, eps, grad, noise = (torch.randn(b, 3, 5, 7) for _ in range(4))
-    return (x, eps, grad, torch.full((b,), 2.0), noise, sched.coefficient_matrix(index), (index != 0).float(), 0.0,
+    return (x, eps, grad, torch.full((b,), 2.0), noise, sched.coefficients(index), (index != 0).float(), 0.0,
             True, False)  # fmt: skip
 
 

@@ -26,12 +26,10 @@ import torch
 import fastguide
 import fastguide as fg
 from fastguide import _ext
-from update_oracle import DDIM_READS, DDPM_READS, check_update, ddim_exact, ddpm_exact, off_by
+from op_contract import UpdateOpContract, update_inputs
 from fastguide.kernels.reference import (
     VARIANCE_CODES,
-    guided_ddim_update_ref,
     guided_ddpm_update_ref,
-    pack_coefficients,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,13 +38,6 @@ needs_ext = pytest.mark.skipif(NO_EXT, reason=f"FASTGUIDE_NO_EXT=1 is set: {_ext
 
 VARIANCE_NAMES = {code: name for name, code in VARIANCE_CODES.items()}
 SCHEDULE = fg.Schedule.create("linear", 1000, "250")
-# per-sample respaced indices: t = 0 (no noise), the noisiest step, and everything between
-INDICES = [0, 249, 1, 125, 60, 2, 200, 10, 248]
-SHAPES = [(9, 3, 7, 5), (1, 1, 1, 1), (2, 3, 64, 65)]  # odd sizes; the last spans several CPU chunks
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-LAYOUTS = ["contiguous", "channels_last", "strided", "expanded"]
-
-
 # ---- loading ----
 
 
@@ -113,134 +104,32 @@ def test_loader_reports_why_the_extension_is_unavailable_and_warns_once(monkeypa
 # ---- inputs and oracles ----
 
 
-def _layout(t: torch.Tensor, layout: str, batch_shared: bool = False) -> torch.Tensor:
-    """The same values as t in another memory layout."""
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "strided":  # every other element of a wider tensor
-        wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    if layout == "expanded" and batch_shared:  # stride 0 along the batch
-        return t[:1].expand_as(t)
-    return t
-
-
-def _inputs(shape, dtype, variance=0, layout="contiguous", seed=0):
-    """x, eps, v, grad, scale, noise, coefs, nonzero for a batch whose samples sit at different timesteps."""
-    g = torch.Generator().manual_seed(seed)
-    batch = shape[0]
-    index = torch.tensor([INDICES[i % len(INDICES)] for i in range(batch)])
-    coefs = pack_coefficients(SCHEDULE.coefficients(index))
-    nonzero = (index != 0).float()
-
-    def randn():
-        return torch.randn(shape, generator=g)
-
-    x, eps, grad, noise = randn(), randn(), randn(), randn()
-    if variance == VARIANCE_CODES["learned"]:  # v is log σ², around the schedule's range
-        v = torch.empty(shape).uniform_(-9.0, -3.0, generator=g)
-    else:  # learned_range: v in [−1, 1]
-        v = torch.empty(shape).uniform_(-1.0, 1.0, generator=g)
-    scale = torch.empty(batch).uniform_(0.5, 10.0, generator=g)
-    x, eps, v = (_layout(t.to(dtype), layout) for t in (x, eps, v))
-    grad, noise = (_layout(t.to(dtype), layout, batch_shared=True) for t in (grad, noise))
-    return x, eps, v, grad, scale, noise, coefs, nonzero
-
-
-def _assert_within_rounding_bound(got, ref, exact, dtype):
-    """Each output of the op, and of the eager reference, within the float32 rounding-error bound of the
-    formula (update_oracle.check_update)."""
-    check_update(ref, exact, dtype)
-    check_update(got, exact, dtype)
-
-
-# ---- the ops against the reference ----
+# ---- the ops against the reference: the shared contract (op_contract.py) ----
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("guided", [True, False], ids=["guided", "unguided"])
-@pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
-@pytest.mark.parametrize("variance", list(VARIANCE_CODES.values()), ids=list(VARIANCE_CODES))
-def test_ddpm_update_matches_reference(variance, clip, guided, shape, dtype):
-    x, eps, v, grad, scale, noise, coefs, nonzero = _inputs(shape, dtype, variance)
-    if not guided:
-        grad = scale = None
-    args = (x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip)
-    got = _ext.guided_ddpm_update(*args)
-    _assert_within_rounding_bound(got, guided_ddpm_update_ref(*args), ddpm_exact(*args), dtype)
+class TestExtUpdates(UpdateOpContract):
+    """The C++ ops on the CPU."""
+
+    ddpm = staticmethod(_ext.guided_ddpm_update)
+    ddim = staticmethod(_ext.guided_ddim_update)
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("guided", [True, False], ids=["guided", "unguided"])
-@pytest.mark.parametrize("clip", [True, False], ids=["clip", "noclip"])
-@pytest.mark.parametrize("paper_form", [False, True], ids=["adm", "paper"])
-@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-def test_ddim_update_matches_reference(eta, paper_form, clip, guided, shape, dtype):
-    x, eps, _, grad, scale, noise, coefs, nonzero = _inputs(shape, dtype)
-    if not guided:
-        grad = scale = None
-    if eta == 0:
-        noise = None  # not needed, and allowed to be absent
-    args = (x, eps, grad, scale, noise, coefs, nonzero, eta, clip, paper_form)
-    got = _ext.guided_ddim_update(*args)
-    _assert_within_rounding_bound(got, guided_ddim_update_ref(*args), ddim_exact(*args), dtype)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+class TestExtCudaUpdates(UpdateOpContract):
+    """The CUDA kernels of the extension (a build with CUDA)."""
 
+    device = "cuda"
+    ddpm = staticmethod(_ext.guided_ddpm_update)
+    ddim = staticmethod(_ext.guided_ddim_update)
 
-@needs_ext
-@pytest.mark.parametrize("variance", list(VARIANCE_CODES.values()), ids=list(VARIANCE_CODES))
-def test_error_rule_fails_the_ddpm_op_with_one_coefficient_off_by_1e_5(variance):
-    args = list(_inputs((9, 3, 7, 5), torch.float32, variance)) + [variance, False]
-    exact = ddpm_exact(*args)
-    check_update(_ext.guided_ddpm_update(*args), exact)
-    for column in DDPM_READS[VARIANCE_NAMES[variance]]:
-        args[6] = off_by(_inputs((9, 3, 7, 5), torch.float32, variance)[6], column)
-        with pytest.raises(AssertionError, match="rounding-error bound|NaN in other places"):
-            check_update(_ext.guided_ddpm_update(*args), exact)
-
-
-@needs_ext
-@pytest.mark.parametrize("paper_form", [False, True], ids=["adm", "paper"])
-def test_error_rule_fails_the_ddim_op_with_one_coefficient_off_by_1e_5(paper_form):
-    x, eps, _, grad, scale, noise, coefs, nonzero = _inputs((9, 3, 7, 5), torch.float32)
-    args = [x, eps, grad, scale, noise, coefs, nonzero, 0.5, False, paper_form]
-    exact = ddim_exact(*args)
-    check_update(_ext.guided_ddim_update(*args), exact)
-    for column in DDIM_READS:
-        args[5] = off_by(coefs, column)
-        with pytest.raises(AssertionError, match="rounding-error bound|NaN in other places"):
-            check_update(_ext.guided_ddim_update(*args), exact)
-
-
-@needs_ext
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("variance", [0, 1, 3])
-def test_ddpm_update_non_contiguous_inputs(variance, layout):
-    args = (*_inputs((3, 3, 9, 41), torch.float32, variance, layout), variance, True)
-    got = _ext.guided_ddpm_update(*args)
-    _assert_within_rounding_bound(got, guided_ddpm_update_ref(*args), ddpm_exact(*args), torch.float32)
-    # outputs are laid out like torch.empty_like(x), as the fake implementation promises
-    assert got[0].stride() == torch.empty_like(args[0]).stride()
-
-
-@needs_ext
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_ddim_update_non_contiguous_inputs(layout):
-    x, eps, _, grad, scale, noise, coefs, nonzero = _inputs((3, 3, 9, 41), torch.float32, layout=layout)
-    args = (x, eps, grad, scale, noise, coefs, nonzero, 0.5, True, False)
-    got = _ext.guided_ddim_update(*args)
-    _assert_within_rounding_bound(got, guided_ddim_update_ref(*args), ddim_exact(*args), torch.float32)
-    assert got[0].stride() == torch.empty_like(x).stride()
 
 
 @needs_ext
 def test_ddpm_update_propagates_nan_and_overflows_like_the_reference():
     variance = VARIANCE_CODES["learned"]
-    x, eps, v, grad, scale, noise, coefs, nonzero = _inputs((2, 1, 3, 4), torch.float32, variance)
+    x, eps, v, grad, scale, noise, coefs, nonzero = update_inputs((2, 1, 3, 4), torch.float32, variance)
     eps[0, 0, 0, 0] = float("nan")
     x[1, 0, 1, 1] = float("inf")
     v[0, 0, 2, :] = torch.tensor([100.0, -200.0, float("nan"), 80.0])  # log σ²: overflow, underflow, NaN
@@ -250,15 +139,8 @@ def test_ddpm_update_propagates_nan_and_overflows_like_the_reference():
 
 
 @needs_ext
-def test_empty_batch():
-    x, eps, v, grad, scale, noise, coefs, nonzero = _inputs((0, 3, 4, 4), torch.float32)
-    x_prev, x0 = _ext.guided_ddpm_update(x, eps, v, grad, scale, noise, coefs, nonzero, 0, True)
-    assert x_prev.shape == x0.shape == (0, 3, 4, 4)
-
-
-@needs_ext
 def test_fp64_is_refused_with_a_message_naming_the_dtype():
-    x, eps, v, grad, scale, noise, coefs, nonzero = _inputs((2, 3, 4, 4), torch.float64)
+    x, eps, v, grad, scale, noise, coefs, nonzero = update_inputs((2, 3, 4, 4), torch.float64)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16, got Double"):
         _ext.guided_ddpm_update(x, eps, v, grad, scale, noise, coefs, nonzero, 0, True)
 
@@ -281,9 +163,9 @@ def test_fp64_is_refused_with_a_message_naming_the_dtype():
     ids=["shape", "dtype", "guidance pair", "missing v", "missing noise", "coefs", "nonzero", "rank", "variance",
          "coefs dtype"],  # fmt: skip
 )
-def test_ddpm_update_checks_its_inputs(change, message):
+def test_ddpm_update_checks_itsupdate_inputs(change, message):
     names = ("x", "eps", "v", "grad", "scale", "noise", "coefs", "nonzero")
-    args = dict(zip(names, _inputs((2, 3, 4, 4), torch.float32)), variance=0, clip_denoised=True)
+    args = dict(zip(names, update_inputs((2, 3, 4, 4), torch.float32)), variance=0, clip_denoised=True)
     change(args)
     with pytest.raises(RuntimeError, match=message):
         _ext.guided_ddpm_update(**args)
@@ -291,7 +173,7 @@ def test_ddpm_update_checks_its_inputs(change, message):
 
 @needs_ext
 def test_ddim_update_checks_eta_and_noise():
-    x, eps, _, grad, scale, noise, coefs, nonzero = _inputs((2, 3, 4, 4), torch.float32)
+    x, eps, _, grad, scale, noise, coefs, nonzero = update_inputs((2, 3, 4, 4), torch.float32)
     with pytest.raises(RuntimeError, match="eta must be finite and >= 0"):
         _ext.guided_ddim_update(x, eps, grad, scale, noise, coefs, nonzero, -0.5, True, False)
     with pytest.raises(RuntimeError, match="noise is required when eta > 0"):
@@ -322,7 +204,7 @@ def fresh_dynamo():
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_ddpm_step_has_no_graph_break_and_matches_eager():
     """inductor (the op alone compiles no C++, so this stays cheap); fullgraph raises on a break."""
-    args = _inputs((4, 3, 8, 8), torch.float32)
+    args = update_inputs((4, 3, 8, 8), torch.float32)
     compiled = torch.compile(_ddpm_step, fullgraph=True, backend="inductor")
     with torch._dynamo.config.patch(error_on_recompile=True):
         for shift in (0.0, 1.0):  # a second call with new values must not recompile
@@ -336,7 +218,7 @@ def test_compiled_ddpm_step_has_no_graph_break_and_matches_eager():
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_ddim_step_with_torch_ops_around_matches_eager():
     """aot_eager: traces the op with its fake implementation among other ops, without inductor's C++ compile."""
-    x, eps, _, grad, scale, _, coefs, _ = _inputs((3, 3, 5, 7), torch.float32)
+    x, eps, _, grad, scale, _, coefs, _ = update_inputs((3, 3, 5, 7), torch.float32)
     index = torch.tensor([0, 7, 249])
     compiled = torch.compile(_ddim_step_with_torch_around, fullgraph=True, backend="aot_eager")
     got = compiled(x, eps, grad, scale, coefs, index)
@@ -347,7 +229,7 @@ def test_compiled_ddim_step_with_torch_ops_around_matches_eager():
 @needs_ext
 @pytest.mark.parametrize("guided", [True, False], ids=["guided", "unguided"])
 def test_opcheck_ddpm(guided):
-    x, eps, v, grad, scale, noise, coefs, nonzero = _inputs((2, 3, 5, 4), torch.float32)
+    x, eps, v, grad, scale, noise, coefs, nonzero = update_inputs((2, 3, 5, 4), torch.float32)
     if not guided:
         grad = scale = None
     torch.library.opcheck(
@@ -358,7 +240,7 @@ def test_opcheck_ddpm(guided):
 @needs_ext
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_opcheck_ddim(eta):
-    x, eps, _, grad, scale, noise, coefs, nonzero = _inputs((2, 3, 5, 4), torch.float32, layout="channels_last")
+    x, eps, _, grad, scale, noise, coefs, nonzero = update_inputs((2, 3, 5, 4), torch.float32, layout="channels_last")
     torch.library.opcheck(
         torch.ops.fastguide.guided_ddim_update.default,
         (x, eps, grad, scale, noise if eta else None, coefs, nonzero, eta, True, False),
@@ -405,20 +287,3 @@ def test_cuda_launcher_compiles_against_torch_headers(tmp_path):
 # ---- CUDA: run the kernels where there is a GPU and a CUDA build ----
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(9, 3, 7, 5), (8, 3, 64, 64)], ids=str)
-def test_cuda_ops_match_reference(shape, dtype):
-    import fastguide._C as C
-
-    assert C.WITH_CUDA, "torch has CUDA but fastguide._C was built without it; rebuild with nvcc on PATH"
-    for variance in VARIANCE_CODES.values():
-        cpu = _inputs(shape, dtype, variance)
-        dev = [None if t is None else t.cuda() for t in cpu]
-        args = (*cpu, variance, True)
-        got = _ext.guided_ddpm_update(*dev, variance, True)
-        _assert_within_rounding_bound([t.cpu() for t in got], guided_ddpm_update_ref(*args), ddpm_exact(*args), dtype)
-    x, eps, _, grad, scale, noise, coefs, nonzero = _inputs(shape, dtype)
-    args = (x, eps, grad, scale, noise, coefs, nonzero, 0.5, True, False)
-    got = _ext.guided_ddim_update(*[t.cuda() if isinstance(t, torch.Tensor) else t for t in args])
-    _assert_within_rounding_bound([t.cpu() for t in got], guided_ddim_update_ref(*args), ddim_exact(*args), dtype)

@@ -27,14 +27,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from fastguide.kernels.reference import (  # noqa: E402
-    COEF_FIELDS,
-    VARIANCE_CODES,
-    guided_ddim_update_ref,
-    guided_ddpm_update_ref,
-    pack_coefficients,
-    softmax_entropy_scale_ref,
-)
+from fastguide.kernels.reference import softmax_entropy_scale_ref  # noqa: E402
 from fastguide.kernels.triton_common import is_interpreted, next_power_of_2, triton_refusal  # noqa: E402
 from fastguide.kernels.triton_entropy import (  # noqa: E402
     MAX_BLOCK_K,
@@ -48,9 +41,8 @@ from fastguide.kernels.triton_update import (  # noqa: E402
     launch_guided_ddim_update,
     launch_guided_ddpm_update,
 )
-from fastguide.schedule import Schedule  # noqa: E402
 from error_bounds import assert_within_bound, softmax_entropy_bound  # noqa: E402
-from update_oracle import DDIM_READS, DDPM_READS, check_update, ddim_exact, ddpm_exact, off_by  # noqa: E402
+from op_contract import UpdateOpContract, update_inputs  # noqa: E402
 
 if DEVICE == "cpu" and not is_interpreted(_softmax_entropy_scale_kernel):
     pytest.skip(
@@ -59,7 +51,6 @@ if DEVICE == "cpu" and not is_interpreted(_softmax_entropy_scale_kernel):
     )
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-VARIANCE_NAMES = {code: name for name, code in VARIANCE_CODES.items()}
 INF = math.inf
 
 
@@ -185,78 +176,21 @@ def test_entropy_rejects_bad_inputs_with_a_clear_message(logits, y, match):
 
 # ---------------------------------------------------------------- guided DDPM and DDIM updates
 
-SCHEDULE = Schedule.create("linear", 1000, "20")
-INDEX = [0, 7, 19]  # per-sample timesteps: last step (no noise), middle, first
+class TestTritonUpdates(UpdateOpContract):
+    """The shared contract of the updates (op_contract.py) on the Triton kernels."""
+
+    ddpm = staticmethod(guided_ddpm_update_triton)
+    ddim = staticmethod(guided_ddim_update_triton)
+    device = DEVICE
 
 
-def update_inputs(shape=(3, 3, 7, 5), dtype=torch.float32, seed=0, index=INDEX):
-    """x, eps, v, grad, scale, noise (in dtype) and per-sample coefs, nonzero for one batch."""
-    B = shape[0]
-    idx = torch.tensor(index[:B])
-    x, eps, grad, noise = (_randn(*shape, seed=seed + i, dtype=dtype) for i in range(4))
-    v = (torch.rand(*shape, generator=_gen(seed + 9)) * 2 - 1).to(DEVICE, dtype)
-    scale = (torch.rand(B, generator=_gen(seed + 10)) * 10).to(DEVICE)
-    coefs = pack_coefficients(SCHEDULE.coefficients(idx)).to(DEVICE)
-    return x, eps, v, grad, scale, noise, coefs, (idx != 0).float().to(DEVICE)
-
-
-def check_both(kernel_out, eager_out, exact, x):
-    """Kernel and eager reference within the float32 rounding-error bound of the formula (update_oracle)."""
-    check_update(eager_out, exact, x.dtype)
-    return check_update(kernel_out, exact, x.dtype)
-
-
-def run_ddpm(args, variance, clip):
-    x, eps, v, grad, scale, noise, coefs, nonzero = args
-    v = v if variance in (0, 1) else None
-    if variance == 1:
-        v = (v.float() - 6).to(v.dtype)  # a log variance
-    call = (x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip)
-    out = guided_ddpm_update_triton(*call)
-    return out, check_both(out, guided_ddpm_update_ref(*call), ddpm_exact(*call), x)
-
-
-def run_ddim(args, eta, clip, paper_form):
-    x, eps, _, grad, scale, noise, coefs, nonzero = args
-    call = (x, eps, grad, scale, noise, coefs, nonzero, eta, clip, paper_form)
-    out = guided_ddim_update_triton(*call)
-    return out, check_both(out, guided_ddim_update_ref(*call), ddim_exact(*call), x)
-
-
-def _unguided(args):
-    x, eps, v, _, _, noise, coefs, nonzero = args
-    return x, eps, v, None, None, noise, coefs, nonzero
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("variance", sorted(VARIANCE_NAMES), ids=VARIANCE_NAMES.get)
-def test_ddpm_update_matches_reference_and_float64(variance, dtype):
-    args = update_inputs(dtype=dtype, seed=variance)
-    for clip in (True, False):
-        run_ddpm(args, variance, clip)
-        run_ddpm(_unguided(args), variance, clip)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-def test_ddim_update_matches_reference_and_float64(eta, dtype):
-    args = update_inputs(dtype=dtype, seed=int(eta * 10))
-    for clip in (True, False):
-        for paper_form in (True, False):
-            run_ddim(args, eta, clip, paper_form)
-        run_ddim(_unguided(args), eta, clip, False)
-
-
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 1, 3, 9), (3, 3, 7, 5), (2, 3, 17, 31)], ids=str)
-def test_updates_on_odd_image_sizes(shape):
-    args = update_inputs(shape, seed=sum(shape))
-    run_ddpm(args, VARIANCE_CODES["learned_range"], True)
-    run_ddim(args, 0.5, True, False)
+def inputs(shape=(3, 3, 7, 5), dtype=torch.float32, variance=0):
+    return update_inputs(shape, dtype, variance, device=DEVICE)
 
 
 @pytest.mark.parametrize("block", [8, 64])
 def test_updates_mask_the_tail_of_the_last_block(block):
-    x, eps, v, grad, scale, noise, coefs, nonzero = update_inputs()  # 105 pixels per sample
+    x, eps, v, grad, scale, noise, coefs, nonzero = inputs()  # 105 pixels per sample
     ddpm = (x, eps, v, grad, scale, noise, coefs, nonzero, 0, True)
     for a, b in zip(launch_guided_ddpm_update(*ddpm, block=block), guided_ddpm_update_triton(*ddpm)):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
@@ -265,126 +199,8 @@ def test_updates_mask_the_tail_of_the_last_block(block):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-def test_per_sample_timesteps_in_one_batch_equal_each_sample_alone():
-    x, eps, v, grad, scale, noise, coefs, nonzero = args = update_inputs()
-    batch_ddpm, _ = run_ddpm(args, VARIANCE_CODES["learned_range"], True)
-    batch_ddim, _ = run_ddim(args, 0.5, True, False)
-    for b in range(3):
-        one = [t[b : b + 1] for t in args]
-        alone_ddpm, _ = run_ddpm(one, VARIANCE_CODES["learned_range"], True)
-        alone_ddim, _ = run_ddim(one, 0.5, True, False)
-        for batched, alone in zip(batch_ddpm + batch_ddim, alone_ddpm + alone_ddim):
-            torch.testing.assert_close(batched[b : b + 1], alone, atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_unguided_equals_guided_with_scale_zero(dtype):
-    x, eps, v, grad, scale, noise, coefs, nonzero = update_inputs(dtype=dtype)
-    zero = torch.zeros_like(scale)
-    for variance in VARIANCE_NAMES:
-        guided = guided_ddpm_update_triton(x, eps, v, grad, zero, noise, coefs, nonzero, variance, True)
-        unguided = guided_ddpm_update_triton(x, eps, v, None, None, noise, coefs, nonzero, variance, True)
-        for a, b in zip(guided, unguided):  # μ + σ²·0 is μ exactly
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
-    for paper_form in (True, False):
-        guided = guided_ddim_update_triton(x, eps, grad, zero, noise, coefs, nonzero, 0.5, True, paper_form)
-        unguided = guided_ddim_update_triton(x, eps, None, None, noise, coefs, nonzero, 0.5, True, paper_form)
-        for a, b in zip(guided, unguided):  # the ε → x̂0 → ε round trip: equal up to rounding
-            tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else {}
-            torch.testing.assert_close(a, b, **tol)
-
-
-# update_oracle.DDPM_READS / DDIM_READS: the columns of `coefs` each update reads. A kernel that reads one
-# of them 1e-5 (about 170 float32 ulps) off must fail the error rule; the other columns must change nothing.
-
-
-@pytest.mark.parametrize("column", COEF_FIELDS)
-@pytest.mark.parametrize("variance", sorted(VARIANCE_NAMES), ids=VARIANCE_NAMES.get)
-def test_error_rule_fails_a_ddpm_kernel_with_one_coefficient_off_by_1e_5(variance, column):
-    x, eps, v, grad, scale, noise, coefs, nonzero = update_inputs(seed=variance)
-    v = {1: v - 6, 0: v}.get(variance)  # log σ² for "learned"; none for the fixed variances
-    call = [x, eps, v, grad, scale, noise, coefs, nonzero, variance, False]
-    exact, right = ddpm_exact(*call), guided_ddpm_update_triton(*call)
-    call[6] = off_by(coefs, column)
-    wrong = guided_ddpm_update_triton(*call)
-    check_update(right, exact)
-    if column in DDPM_READS[VARIANCE_NAMES[variance]]:
-        with pytest.raises(AssertionError, match="rounding-error bound|NaN in other places"):
-            check_update(wrong, exact)
-    else:
-        for a, b in zip(wrong, right):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt:RuntimeWarning")  # the interpreter's √(−)
-@pytest.mark.parametrize("column", COEF_FIELDS)
-@pytest.mark.parametrize("paper_form", [False, True], ids=["adm", "paper"])
-def test_error_rule_fails_a_ddim_kernel_with_one_coefficient_off_by_1e_5(paper_form, column):
-    x, eps, _, grad, scale, noise, coefs, nonzero = update_inputs(seed=5)
-    call = [x, eps, grad, scale, noise, coefs, nonzero, 0.5, False, paper_form]
-    exact, right = ddim_exact(*call), guided_ddim_update_triton(*call)
-    call[5] = off_by(coefs, column)
-    wrong = guided_ddim_update_triton(*call)
-    check_update(right, exact)
-    if column in DDIM_READS:  # ᾱ_{t−1} = 1 (last step) off by 1e-5 even gives √(negative) = NaN
-        with pytest.raises(AssertionError, match="rounding-error bound|NaN in other places"):
-            check_update(wrong, exact)
-    else:
-        for a, b in zip(wrong, right):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
-
-
-def test_ddim_without_noise_at_eta_zero_equals_with_noise():
-    x, eps, _, grad, scale, noise, coefs, nonzero = update_inputs()
-    with_noise = guided_ddim_update_triton(x, eps, grad, scale, noise, coefs, nonzero, 0.0, True, False)
-    without = guided_ddim_update_triton(x, eps, grad, scale, None, coefs, nonzero, 0.0, True, False)
-    for a, b in zip(with_noise, without):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_updates_accept_non_contiguous_and_stride_zero_inputs(dtype):
-    x, eps, v, grad, scale, noise, coefs, nonzero = update_inputs(dtype=dtype)
-    views = (
-        x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),  # channels-last: copied
-        torch.cat([eps, eps], dim=-1)[..., ::2],  # sliced: copied
-        v[:1].expand_as(v),  # stride 0 over the batch: used as is
-        grad[:, :, :1, :1].expand_as(grad),  # stride 0 inside a sample: copied
-        torch.cat([scale, scale])[::2],  # strided scale
-        noise[:1].expand_as(noise),
-        coefs.t().contiguous().t(),  # column-major coefficients
-        torch.stack([nonzero, nonzero], dim=1)[:, 0],  # stride 2
-    )
-    assert not any(t.is_contiguous() for t in views)
-    x, eps, v, grad, scale, noise, coefs, nonzero = views
-    for variance in VARIANCE_NAMES:
-        call = (x, eps, v, grad, scale, noise, coefs, nonzero, variance, True)
-        out = guided_ddpm_update_triton(*call)
-        check_both(out, guided_ddpm_update_ref(*call), ddpm_exact(*call), x)
-        dense = guided_ddpm_update_triton(*(t.contiguous() if torch.is_tensor(t) else t for t in call))
-        for a, b in zip(out, dense):
-            torch.testing.assert_close(a, b, atol=0, rtol=0)
-    call = (x, eps, grad, scale, noise, coefs, nonzero, 1.0, True, False)
-    out = guided_ddim_update_triton(*call)
-    check_both(out, guided_ddim_update_ref(*call), ddim_exact(*call), x)
-
-
-def test_updates_propagate_nan_like_the_reference():
-    x, eps, v, grad, scale, noise, coefs, nonzero = update_inputs()
-    eps[0, 1, 2, 3] = math.nan  # survives the clamp
-    grad[1, 0, 0, 0] = math.nan
-    for clip in (True, False):
-        for variance in VARIANCE_NAMES:
-            call = (x, eps, v, grad, scale, noise, coefs, nonzero, variance, clip)
-            for a, b in zip(guided_ddpm_update_triton(*call), guided_ddpm_update_ref(*call)):
-                assert torch.equal(a.isnan(), b.isnan()) and a.isnan().sum() >= 1
-        call = (x, eps, grad, scale, noise, coefs, nonzero, 0.5, clip, False)
-        for a, b in zip(guided_ddim_update_triton(*call), guided_ddim_update_ref(*call)):
-            assert torch.equal(a.isnan(), b.isnan()) and a.isnan().sum() >= 1
-
-
 def _bad_update_calls():
-    x, eps, v, grad, scale, noise, coefs, nonzero = update_inputs()
+    x, eps, v, grad, scale, noise, coefs, nonzero = inputs()
     ddpm = dict(x=x, eps=eps, v=v, grad=grad, scale=scale, noise=noise, coefs=coefs, nonzero=nonzero,
                 variance=0, clip_denoised=True)  # fmt: skip
     ddim = dict(x=x, eps=eps, grad=grad, scale=scale, noise=noise, coefs=coefs, nonzero=nonzero, eta=0.5,

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import fastguide as fg
 from fastguide.kernels import softmax_entropy_scale_ref
+from fastguide.kernels.reference import guided_ddim_update_ref, guided_ddpm_update_ref
+from op_contract import UpdateOpContract
 
 
 def _logits(b=6, k=9, seed=0):
@@ -68,3 +70,11 @@ def test_to_uint8_maps_range_and_refuses_nan():
     x[1, 2, 0, 1] = float("nan")
     with pytest.raises(FloatingPointError, match="sample 1"):
         fg.to_uint8(x)
+
+
+class TestTorchReferenceUpdates(UpdateOpContract):
+    """The references themselves (the torch backend) through the shared contract: they too must be within
+    the rounding bound, which checks the bound as much as the references."""
+
+    ddpm = staticmethod(guided_ddpm_update_ref)
+    ddim = staticmethod(guided_ddim_update_ref)

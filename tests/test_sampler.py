@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import fastguide as fg
-from fastguide.diffusion import guided_ddim_step
+from fastguide.schedule import StepCoefficients
 
 C, S, K = 3, 8, 5  # channels, image size, classes
 
@@ -191,7 +191,7 @@ def test_ddpm_guided_step_shifts_mean_by_variance_times_scaled_gradient():
     """Eq. 8: x_{t-1} = μ + σ²·s·∇log p(y|x_t) + σz, with σ² = β̃_t for fixed_small."""
     guided, plain, x, y, index = _step_pair("ddpm", [3, 3], fg.Constant(2.0), variance="fixed_small")
     sched = schedule()
-    expected = sched.coefficients(index).posterior_variance * 2.0 * _grad(x, y, index, sched).grad
+    expected = StepCoefficients.of(sched.coefficients(index)).posterior_variance * 2.0 * _grad(x, y, index, sched).grad
     torch.testing.assert_close(guided.x_prev - plain.x_prev, expected, atol=1e-6, rtol=1e-5)
 
 
@@ -200,7 +200,7 @@ def test_ddim_guided_step_moves_along_the_gradient():
     g·sqrt(1−ᾱ)·(sqrt(1/ᾱ − 1)·sqrt(ᾱ_prev) − sqrt(1 − ᾱ_prev)), a positive multiple of g."""
     guided, plain, x, y, index = _step_pair("ddim", [3, 3], fg.Constant(2.0))
     sched = schedule()
-    c = sched.coefficients(index)
+    c = StepCoefficients.of(sched.coefficients(index))
     factor = (1 - c.alpha_bar).sqrt() * (
         c.sqrt_recipm1_alpha_bar * c.alpha_bar_prev.sqrt() - (1 - c.alpha_bar_prev).sqrt()
     )
@@ -215,7 +215,7 @@ def test_eds_scale_is_a_constant_factor_on_the_raw_gradient():
     sched = schedule()
     out = _grad(x, y, index, sched)
     s = 3.0 * math.log(K) / out.entropy
-    expected = sched.coefficients(index).posterior_variance * s.view(-1, 1, 1, 1) * out.grad
+    expected = StepCoefficients.of(sched.coefficients(index)).posterior_variance * s.view(-1, 1, 1, 1) * out.grad
     torch.testing.assert_close(guided.x_prev - plain.x_prev, expected, atol=1e-6, rtol=1e-5)
 
 
@@ -226,31 +226,38 @@ def _ddim_step_inputs():
     g = torch.Generator().manual_seed(0)
     x, eps, grad = (torch.randn(2, C, S, S, generator=g) for _ in range(3))
     index = torch.tensor([3, 1])
-    return x, eps, grad, index, schedule().coefficients(index), torch.ones(2, 1, 1, 1)
+    return x, eps, grad, index, schedule().coefficients(index), torch.ones(2)
+
+
+def _ddim(x, eps, g, noise, coefs, nonzero, eta=0.0, paper_form=False):
+    """The public DDIM update with guidance g (scale 1), clipping x̂0."""
+    scale = None if g is None else torch.ones(len(x))
+    return fg.guided_ddim_update(x, eps, g, scale, noise, coefs, nonzero, eta, True, paper_form)
 
 
 def test_paper_ddim_guidance_equals_adm_form_with_gradient_over_sqrt_one_minus_alpha_bar():
-    x, eps, g, index, c, nonzero = _ddim_step_inputs()
-    paper = guided_ddim_step(x, eps, g, None, nonzero, c, ddim_guidance="paper")
-    adm = guided_ddim_step(x, eps, g / (1 - c.alpha_bar).sqrt(), None, nonzero, c, ddim_guidance="adm")
-    torch.testing.assert_close(paper.x_prev, adm.x_prev)
-    torch.testing.assert_close(paper.pred_xstart, adm.pred_xstart)
+    x, eps, g, index, coefs, nonzero = _ddim_step_inputs()
+    c = StepCoefficients.of(coefs)
+    paper = _ddim(x, eps, g, None, coefs, nonzero, paper_form=True)
+    adm = _ddim(x, eps, g / (1 - c.alpha_bar).sqrt(), None, coefs, nonzero)
+    torch.testing.assert_close(paper, adm)
 
 
 def test_paper_and_adm_ddim_guidance_differ_for_the_same_gradient():
-    x, eps, g, index, c, nonzero = _ddim_step_inputs()
-    paper = guided_ddim_step(x, eps, g, None, nonzero, c, ddim_guidance="paper")
-    adm = guided_ddim_step(x, eps, g, None, nonzero, c, ddim_guidance="adm")
-    assert (paper.x_prev - adm.x_prev).abs().max() > 1e-2
+    x, eps, g, index, coefs, nonzero = _ddim_step_inputs()
+    paper = _ddim(x, eps, g, None, coefs, nonzero, paper_form=True)
+    adm = _ddim(x, eps, g, None, coefs, nonzero)
+    assert (paper[0] - adm[0]).abs().max() > 1e-2
 
 
 def test_stochastic_ddim_adds_sigma_times_noise():
     """DDIM Eq. 16: σ = η·sqrt((1−ᾱ_prev)/(1−ᾱ))·sqrt(1−ᾱ/ᾱ_prev); the noise enters as σ·z."""
-    x, eps, z, index, c, nonzero = _ddim_step_inputs()
-    with_z = guided_ddim_step(x, eps, None, z, nonzero, c, eta=0.5)
-    without = guided_ddim_step(x, eps, None, torch.zeros_like(z), nonzero, c, eta=0.5)
+    x, eps, z, index, coefs, nonzero = _ddim_step_inputs()
+    c = StepCoefficients.of(coefs)
+    with_z = _ddim(x, eps, None, z, coefs, nonzero, eta=0.5)
+    without = _ddim(x, eps, None, torch.zeros_like(z), coefs, nonzero, eta=0.5)
     sigma = 0.5 * ((1 - c.alpha_bar_prev) / (1 - c.alpha_bar)).sqrt() * (1 - c.alpha_bar / c.alpha_bar_prev).sqrt()
-    torch.testing.assert_close(with_z.x_prev - without.x_prev, sigma * z)
+    torch.testing.assert_close(with_z[0] - without[0], sigma * z)
 
 
 def test_sampler_config_selects_the_ddim_guidance_form():

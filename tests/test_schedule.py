@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastguide.schedule import Schedule, cosine_betas, linear_betas, named_betas, space_timesteps
+from fastguide.schedule import StepCoefficients, Schedule, cosine_betas, linear_betas, named_betas, space_timesteps
 
 
 def test_linear_betas_match_ddpm_range_and_scale_with_T():
@@ -112,7 +112,9 @@ def test_networks_see_original_timesteps_optionally_rescaled():
 
 def test_coefficients_are_float64_tables_cast_once():
     s = Schedule.create("linear", 1000, "10")
-    c = s.coefficients(torch.tensor([9, 0]))
+    coefs = s.coefficients(torch.tensor([9, 0]))
+    assert coefs.shape == (2, len(StepCoefficients._fields)) and coefs.dtype == torch.float32
+    c = StepCoefficients.of(coefs)
     ac = np.cumprod(1 - s.betas)
     assert c.alpha_bar.shape == (2, 1, 1, 1) and c.alpha_bar.dtype == torch.float32
     assert c.alpha_bar.flatten().tolist() == [np.float32(ac[9]), np.float32(ac[0])]

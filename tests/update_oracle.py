@@ -12,7 +12,7 @@ from __future__ import annotations
 from error_bounds import Bounded, assert_within_bound
 
 from fastguide.diffusion import denoised_xstart, guided_ddim_step, model_variance, posterior_mean
-from fastguide.kernels.reference import COEF, VARIANCE_CODES, unpack_coefficients
+from fastguide.kernels.reference import COEF, VARIANCE_CODES
 from fastguide.schedule import StepCoefficients
 
 VARIANCE_NAMES = {code: name for name, code in VARIANCE_CODES.items()}
@@ -37,7 +37,7 @@ def off_by(coefs, column: str, rel: float = 1e-5):
 
 
 def _coefficients(coefs) -> StepCoefficients:
-    return StepCoefficients(*(Bounded.lift(c) for c in unpack_coefficients(coefs.detach().cpu())))
+    return StepCoefficients(*(Bounded.lift(c) for c in StepCoefficients.of(coefs.detach().cpu())))
 
 
 def _per_sample(t) -> Bounded:

@@ -74,7 +74,11 @@ class ModelFlags:
 
     def build(self) -> UNetModel:
         """Instantiate the UNet these flags describe (randomly initialised)."""
-        return UNetModel(
+        return UNetModel(**self.network_kwargs())
+
+    def network_kwargs(self) -> dict:
+        """The constructor arguments of the UNet (fastguide's and ADM's UNetModel take the same)."""
+        return dict(
             image_size=self.image_size,
             in_channels=self.in_channels,
             model_channels=self.num_channels,
@@ -121,7 +125,11 @@ class ClassifierFlags:
 
     def build(self) -> EncoderUNetModel:
         """Instantiate the classifier these flags describe (randomly initialised)."""
-        return EncoderUNetModel(
+        return EncoderUNetModel(**self.network_kwargs())
+
+    def network_kwargs(self) -> dict:
+        """The constructor arguments of the classifier (fastguide's and ADM's EncoderUNetModel take the same)."""
+        return dict(
             image_size=self.image_size,
             in_channels=self.in_channels,
             model_channels=self.classifier_width,

@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..diffusion import model_variance, posterior_mean, predict_xstart_from_eps
-from ..schedule import Schedule
+from ..schedule import Schedule, StepCoefficients
 
 LOG2 = math.log(2.0)
 BIN_HALF_WIDTH = 1.0 / 255.0  # images in [-1, 1] quantised to 256 levels: bins of width 2/255
@@ -73,7 +73,7 @@ def q_posterior_mean_variance(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tens
     Returns:
         Gaussian(mean (B, C, H, W), log_variance (B, 1, 1, 1)).
     """
-    c = schedule.coefficients(t)
+    c = StepCoefficients.of(schedule.coefficients(t))
     return Gaussian(posterior_mean(x0, x_t, c), c.posterior_log_variance_clipped)
 
 
@@ -144,7 +144,7 @@ def vlb_term(
     Returns:
         (B,) float32 L_t in bits/dim.
     """
-    c = schedule.coefficients(t)
+    c = StepCoefficients.of(schedule.coefficients(t))
     xstart = predict_xstart_from_eps(x_t, model_output_eps_frozen.detach().float(), c)
     if clip_denoised:
         xstart = xstart.clamp(-1, 1)

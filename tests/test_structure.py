@@ -1,0 +1,84 @@
+"""How the package is put together: no import cycles between its modules (functions' own imports count too)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _modules() -> dict[str, Path]:
+    """Module name → file, for fastguide/ and kernels/ (installed as fastguide.kernels)."""
+    mods = {}
+    for path in sorted((ROOT / "fastguide").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("").parts
+        parts = ("fastguide", *rel) if rel[0] == "kernels" else rel
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return mods
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module → the package modules it imports, at module level or inside functions (not the packages
+    that contain it: a submodule importing its parent's name is not a cycle of code)."""
+    mods = _modules()
+    graph = {name: set() for name in mods}
+    for name, path in mods.items():
+        package = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in mods:
+                    target = target.rpartition(".")[0]
+                if target and target != name and not name.startswith(target + "."):
+                    graph[name].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every elementary cycle, each listed once from its smallest module name."""
+    found = []
+
+    def walk(start, node, path):
+        for nxt in sorted(graph[node]):
+            if nxt == start:
+                found.append(path + [start])
+            elif nxt > start and nxt not in path:
+                walk(start, nxt, path + [nxt])
+
+    for start in sorted(graph):
+        walk(start, start, [start])
+    return found
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
+    graph = import_graph()
+    assert "fastguide.kernels.reference" in graph["fastguide.ops"]  # lazy imports count
+    assert "fastguide.entropy" in graph["fastguide.kernels.reference"]
+
+
+def test_gpu_check_script_skips_cleanly_without_a_gpu():
+    import subprocess
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: scripts/gpu_check.sh would run the GPU checks for minutes")
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "gpu_check: no CUDA device here; the GPU checks are skipped"
