@@ -246,7 +246,8 @@ def run(args: argparse.Namespace) -> None:
         threshold = GRADIENT_NORM_THRESHOLD if r.policy == "gradient-norm" else None
         policy = build_policy(r.policy, strength, threshold)
         method = r.sampler.split("-")[0]
-        sampler = make_sampler(nets_cache[key], policy, method, respacing[method], compile=args.compile,
+        # a grid is many short runs, each a new graph to compile: compiled only when asked for
+        sampler = make_sampler(nets_cache[key], policy, method, respacing[method], compile=bool(args.compile),
                                precision=args.precision)  # fmt: skip
         start = time.perf_counter()
         desc = f"[{i + 1}/{len(todo)}] {r.model} {r.sampler} {r.classifier} {r.policy} {r.strength:g}"

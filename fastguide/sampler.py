@@ -292,7 +292,7 @@ class GuidedSampler:
         """
         y = y.to(x.device)
         out, record, status = self._runner(x).eager(x, index.to(x.device), y, noise, int(y.max()))
-        fault = first_fault([status], lambda k: int(record.t[0]), first_step=step)
+        fault = first_fault([status], lambda k, b: int(record.t[b]), first_step=step)
         if fault is not None:
             raise FloatingPointError(fault)
         return out, record
@@ -347,9 +347,9 @@ class GuidedSampler:
                     callback(k, out, record)
                 progress.update(1)
             progress.close()
-        fault = first_fault(statuses, self._t_at)
+        fault = first_fault(statuses, lambda k, b: self._t_at(k))
         if fault is None and self.config.check_finite:
-            fault = first_fault([nonfinite_code(x)[None]], self._t_at, ("sample",), first_step=n - 1)
+            fault = first_fault([nonfinite_code(x)[None]], lambda k, b: self._t_at(k), ("sample",), first_step=n - 1)
         if fault is not None:
             raise FloatingPointError(fault)
         trace = _stack(records)

@@ -213,11 +213,11 @@ def guided_step(
 
 
 def first_fault(
-    statuses: list[torch.Tensor], t_of_step: Callable[[int], int], checks: tuple[str, ...] = CHECKS, first_step: int = 0
+    statuses: list[torch.Tensor], t_of: Callable[[int, int], int], checks: tuple[str, ...] = CHECKS, first_step: int = 0
 ) -> str | None:
     """The message of the first non-finite value in per-step statuses (earliest step, then ``checks`` order,
-    then the lowest sample), or None. Step k of the list is step ``first_step + k`` of the run. One host
-    sync for the whole run."""
+    then the lowest sample), or None. Step k of the list is step ``first_step + k`` of the run; ``t_of(step,
+    sample)`` gives the original timestep named in the message. One host sync for the whole run."""
     if not statuses:
         return None
     codes = torch.stack(statuses).cpu()  # (S, len(checks), B)
@@ -226,7 +226,7 @@ def first_fault(
         return None
     k, check, sample = (int(v) for v in bad[0])  # nonzero() lists indices in row-major order
     step = first_step + k
-    code, where = int(codes[k, check, sample]), f"for sample {sample} at step {step} (t={t_of_step(step)})"
+    code, where = int(codes[k, check, sample]), f"for sample {sample} at step {step} (t={t_of(step, sample)})"
     if checks[check] == "classifier logits":
         return (f"classifier logits are {LOGIT_FAULTS[code]} {where}: p(y|x_t), its entropy and the guidance scale "
                 "are undefined")  # fmt: skip
