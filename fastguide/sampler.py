@@ -13,7 +13,9 @@ says so). Nothing is hidden in a wrapped model.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import math
 import os
 import types
@@ -391,6 +393,7 @@ class _Runner:
         self.validated = False
         self.max_label_checked = -1  # labels up to this one are known to be among the classifier's classes
         self.compiled = None
+        self.graphs_refused = False  # said that CUDA graphs cannot be captured
         self._indices: dict[tuple[int, int], torch.Tensor] = {}
         if fast.compile:
             mode = "reduce-overhead" if fast.cuda_graphs else None
@@ -418,16 +421,39 @@ class _Runner:
             self.validated = True
             return self.eager(x, index, y, noise, max_label)
         try:
-            with torch._dynamo.config.patch(trace_autograd_ops=True):  # autograd.grad inside the graph
-                out = self.compiled(x, index, y, noise)
+            with torch._dynamo.config.patch(trace_autograd_ops=True), _cudagraph_skips() as skips:
+                out = self.compiled(x, index, y, noise)  # autograd.grad inside the graph
         except _COMPILE_REFUSALS as err:
             reason = " ".join(str(err).split())[:300]
             warnings.warn(f"the guided step cannot be compiled, so it runs eagerly: {reason}", stacklevel=3)
             self.compiled = None
             return guided_step(self.spec, self.tables, x, index, y, noise)
+        if self.fast.cuda_graphs and skips and not self.graphs_refused:
+            self.graphs_refused = True
+            warnings.warn(f"the guided step runs compiled without CUDA graphs: {skips[0]}", stacklevel=3)
         if self.fast.cuda_graphs:  # a replay overwrites its outputs: keep copies
             out = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
         return out
+
+
+@contextlib.contextmanager
+def _cudagraph_skips():
+    """The reasons inductor gives, while the block runs, for not capturing a CUDA graph (it then runs the
+    compiled code without one). It logs them on its "cudagraphs" artifact logger; this listens there."""
+    from torch._inductor.cudagraph_utils import cudagraphs_log
+
+    reasons: list[str] = []
+
+    class Listen(logging.Handler):
+        def emit(self, record):
+            reasons.append(record.getMessage())
+
+    handler = Listen(logging.WARNING)
+    cudagraphs_log.addHandler(handler)
+    try:
+        yield reasons
+    finally:
+        cudagraphs_log.removeHandler(handler)
 
 
 def _step_of(spec: StepSpec, tables: StepTables) -> Callable:

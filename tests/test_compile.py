@@ -165,3 +165,36 @@ def test_channels_last_gives_the_same_samples():
     a = sampler(compile=False, channels_last=True).sample([1, 2], seeds=[0, 1])
     b = sampler(compile=False).sample([1, 2], seeds=[0, 1])
     torch.testing.assert_close(a.images, b.images, rtol=1e-4, atol=1e-4)
+
+
+
+def test_cuda_graphs_that_cannot_be_captured_are_said_once_and_the_step_stays_compiled(monkeypatch):
+    # inductor says why it captures no graph (an input mutation, a CPU tensor in a CUDA graph, ...) on its
+    # "cudagraphs" logger, and only for graphs on CUDA; here a compiled step says it as inductor would
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    compile_ = torch.compile
+
+    def compile_refusing_graphs(fn, mode=None, **kw):
+        assert mode == "reduce-overhead"  # what asks inductor for CUDA graphs
+        compiled = compile_(fn, **kw)
+
+        def step(*args):
+            log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (1 instances)")
+            return compiled(*args)
+
+        return step
+
+    monkeypatch.setattr(torch, "compile", compile_refusing_graphs)
+    on_cuda = fg.sampler.FastPath(compile=True, cuda_graphs=True, autocast=None, channels_last=False)
+    eager = fg.SamplerConfig().fast_path(torch.device("cpu"))
+    monkeypatch.setattr(fg.SamplerConfig, "fast_path", lambda self, device: on_cuda if self.compile else eager)
+    s = sampler()
+    with pytest.warns(UserWarning, match="runs compiled without CUDA graphs: skipping cudagraphs due to mut") as caught:
+        got = s.sample([1, 2], seeds=[0, 1])
+        s.sample([1, 2], seeds=[0, 1])
+    assert sum("without CUDA graphs" in str(w.message) for w in caught) == 1
+    assert not any("runs eagerly" in str(w.message) for w in caught)
+    assert graphs() == 1
+    want = sampler(compile=False).sample([1, 2], seeds=[0, 1])
+    torch.testing.assert_close(got.images, want.images, rtol=1e-5, atol=1e-5)
