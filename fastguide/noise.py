@@ -78,3 +78,30 @@ class FixedNoise:
         if k >= self.steps.shape[0]:
             raise ValueError(f"step noise has {self.steps.shape[0]} steps; step {k} was asked for")
         return self.steps[k].float()
+
+
+class GlobalNoise:
+    """Noise from torch's global generator, drawn as ADM's loops draw it: x_T with ``torch.randn(shape)``
+    (unless given), then one ``torch.randn_like(x)`` per step. Same seed, same draws as ADM's
+    ``p_sample_loop`` / ``ddim_sample_loop`` (a batch's samples then depend on the batch: use
+    :class:`PerSampleNoise` where they should not)."""
+
+    def __init__(self, shape: Sequence[int], device: torch.device | str = "cpu", x_T: torch.Tensor | None = None):
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 4:
+            raise ValueError(f"shape must be (B, C, H, W), got {shape!r}")
+        if x_T is not None and tuple(x_T.shape) != shape:
+            raise ValueError(f"noise has shape {tuple(x_T.shape)}; the shape asked for is {shape}")
+        self.batch_shape, self.device, self.x_T = shape, torch.device(device), x_T
+        self.shape = shape[1:]
+
+    def __len__(self) -> int:
+        return self.batch_shape[0]
+
+    def initial(self) -> torch.Tensor:
+        if self.x_T is not None:
+            return self.x_T.to(self.device, torch.float32)
+        return torch.randn(*self.batch_shape, device=self.device)
+
+    def step(self, k: int) -> torch.Tensor:
+        return torch.randn(*self.batch_shape, device=self.device)

@@ -20,7 +20,7 @@ import math
 import os
 import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -30,7 +30,7 @@ from torch import nn
 from . import ops
 from .diffusion import DDIM_GUIDANCE, VARIANCES, StepOutput
 from .guidance import EntropyDriven, GuidancePolicy, NoGuidance
-from .noise import FixedNoise, PerSampleNoise
+from .noise import FixedNoise, GlobalNoise, PerSampleNoise
 from .schedule import Schedule
 from .step import StepRecord, StepSpec, StepTables, first_fault, guided_step, nonfinite_code
 
@@ -132,6 +132,9 @@ class GuidedSampler:
         image_shape: (C, H, W) of the samples; read from ``model.in_channels``/``model.image_size`` if absent.
         num_classes: K; read from ``classifier.out_channels`` or ``model.num_classes`` if absent.
         class_cond: whether ``model`` takes ``y``; read from ``model.num_classes`` if absent.
+        cond_fn: instead of a classifier and a policy, ADM's ``cond_fn(x, t, y=) -> s·∇x log p(y|x_t)``
+            (t as the networks see it), applied as ADM's loops apply it; for guidance fastguide does not
+            compute itself. Prefer :func:`fastguide.adm.cond_fn`, whose classifier and policy run fused.
 
     Example::
 
@@ -150,6 +153,7 @@ class GuidedSampler:
         image_shape: Sequence[int] | None = None,
         num_classes: int | None = None,
         class_cond: bool | None = None,
+        cond_fn: Callable[..., torch.Tensor] | None = None,
     ):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
@@ -164,8 +168,13 @@ class GuidedSampler:
             )
         if not isinstance(config, SamplerConfig):
             raise TypeError(f"config must be a fastguide.SamplerConfig, got {type(config).__name__}")
+        if cond_fn is not None and (classifier is not None or not isinstance(policy, NoGuidance)):
+            raise ValueError("give either cond_fn (ADM's form) or a classifier and a policy, not both")
+        if cond_fn is not None and not callable(cond_fn):
+            raise TypeError(f"cond_fn must be callable, got {type(cond_fn).__name__}")
         if classifier is None and not isinstance(policy, NoGuidance):
             raise ValueError(f"policy {policy!r} needs a classifier, but classifier is None")
+        self.cond_fn = cond_fn
         self.model, self.classifier, self.schedule, self.policy, self.config = (
             model, classifier, schedule, policy, config
         )  # fmt: skip
@@ -223,8 +232,8 @@ class GuidedSampler:
             if self.image_shape is None:
                 raise ValueError("image_shape is unknown: pass image_shape=(C, H, W) to GuidedSampler")
             return PerSampleNoise(list(seeds), self.image_shape, device)
-        if not isinstance(noise, (FixedNoise, PerSampleNoise)):
-            raise TypeError(f"noise must be a FixedNoise or PerSampleNoise, got {type(noise).__name__}")
+        if not isinstance(noise, (FixedNoise, PerSampleNoise, GlobalNoise)):
+            raise TypeError(f"noise must be a FixedNoise, PerSampleNoise or GlobalNoise, got {type(noise).__name__}")
         if self.image_shape is not None and noise.shape != self.image_shape:
             c, h, w = self.image_shape
             raise ValueError(
@@ -274,6 +283,7 @@ class GuidedSampler:
             eta=cfg.eta, clip_denoised=cfg.clip_denoised, variance=cfg.variance,
             paper_form=cfg.ddim_guidance == "paper", check_finite=cfg.check_finite, num_classes=self.num_classes,
             entropy_op=entropy, update_op=update, autocast=fast.autocast, channels_last=fast.channels_last,
+            cond_fn=self.cond_fn,
         )  # fmt: skip
 
     def _runner(self, x: torch.Tensor) -> _Runner:
@@ -305,7 +315,7 @@ class GuidedSampler:
         self,
         labels: Sequence[int] | torch.Tensor,
         seeds: Sequence[int] | None = None,
-        noise: FixedNoise | PerSampleNoise | None = None,
+        noise: FixedNoise | PerSampleNoise | GlobalNoise | None = None,
         device: torch.device | str | None = None,
         callback: Callable[[int, StepOutput, StepRecord], None] | None = None,
     ) -> SampleResult:
@@ -314,7 +324,8 @@ class GuidedSampler:
         Args:
             labels: (B,) target classes (used by the classifier and by a class-conditional model).
             seeds: one seed per sample; sample i depends only on seeds[i] and labels[i].
-            noise: instead of seeds, explicit noise (:class:`FixedNoise`: x_T and per-step noise).
+            noise: instead of seeds, explicit noise (:class:`FixedNoise`: x_T and per-step noise), or
+                :class:`GlobalNoise` (torch's global generator, as ADM draws it).
             device: where to sample; defaults to the model's device.
             callback: called after every step as ``callback(k, StepOutput(x_prev, pred_xstart), StepRecord)``.
         Returns:
@@ -324,6 +335,25 @@ class GuidedSampler:
             FloatingPointError: a network or the policy produced NaN/inf (names the first step and sample);
                 raised after the loop, which runs without host syncs.
         """
+        run = self.steps(labels, seeds, noise, device)
+        while True:
+            try:
+                k, out, record = next(run)
+            except StopIteration as done:
+                return done.value
+            if callback is not None:
+                callback(k, out, record)
+
+    def steps(
+        self,
+        labels: Sequence[int] | torch.Tensor,
+        seeds: Sequence[int] | None = None,
+        noise: FixedNoise | PerSampleNoise | GlobalNoise | None = None,
+        device: torch.device | str | None = None,
+    ) -> Generator[tuple[int, StepOutput, StepRecord], None, SampleResult]:
+        """:meth:`sample` as a generator: yields ``(k, StepOutput(x_prev, pred_xstart), StepRecord)`` after
+        every step and returns the :class:`SampleResult`. Arguments are checked at the first ``next``; a
+        non-finite value is raised when the loop ends, as :meth:`sample` raises it."""
         device = self._device(device)
         if seeds is not None and (isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__")):
             raise ValueError(f"seeds must be a sequence with one seed per sample, got {seeds!r}")
@@ -333,22 +363,24 @@ class GuidedSampler:
         source = self._noise_source(seeds, noise, device)
         needs_noise = self.config.method == "ddpm" or self.config.eta > 0
         n = self.schedule.num_steps
-        with torch.inference_mode(False):  # the classifier's gradient needs autograd, even inside inference_mode
+        records, statuses = [], []
+        progress = _progress(n, self.config.progress)
+        # the classifier's gradient needs autograd, even inside inference_mode (entered per step: the
+        # caller's code between steps runs in its own mode)
+        with torch.inference_mode(False):
             x = source.initial().to(device)
             runner = self._runner(x)
-            records, statuses = [], []
-            progress = _progress(n, self.config.progress)
-            for k in range(n):
+        for k in range(n):
+            with torch.inference_mode(False):
                 index = runner.index(n - 1 - k, len(y))
                 z = source.step(k).to(device) if needs_noise else None
                 out, record, status = runner(x, index, y, z, max_label if k == 0 else -1)
-                x = out.x_prev
-                records.append(record)
-                statuses.append(status)
-                if callback is not None:
-                    callback(k, out, record)
-                progress.update(1)
-            progress.close()
+            x = out.x_prev
+            records.append(record)
+            statuses.append(status)
+            yield k, out, record
+            progress.update(1)
+        progress.close()
         fault = first_fault(statuses, lambda k, b: self._t_at(k))
         if fault is None and self.config.check_finite:
             fault = first_fault([nonfinite_code(x)[None]], lambda k, b: self._t_at(k), ("sample",), first_step=n - 1)

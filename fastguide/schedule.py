@@ -177,6 +177,20 @@ class Schedule:
             last = alpha_bar[k]
         return cls(np.array(betas, dtype=np.float64), tuple(kept), len(alpha_bar), rescale_timesteps)
 
+    @classmethod
+    def from_adm(cls, diffusion) -> Schedule:
+        """The chain of an ADM diffusion object (``GaussianDiffusion`` or ``SpacedDiffusion``, duck-typed):
+        its ``betas`` (already respaced), ``timestep_map`` (all steps when absent), ``original_num_steps``
+        and ``rescale_timesteps``. ADM's own float64 betas are kept, so the tables are ADM's."""
+        try:
+            betas = np.asarray(diffusion.betas, dtype=np.float64)
+        except AttributeError:
+            raise TypeError(f"{type(diffusion).__name__} has no betas: not an ADM diffusion object") from None
+        timestep_map = getattr(diffusion, "timestep_map", None)
+        timestep_map = tuple(range(len(betas))) if timestep_map is None else tuple(int(t) for t in timestep_map)
+        original = int(getattr(diffusion, "original_num_steps", len(betas)))
+        return cls(betas, timestep_map, original, bool(getattr(diffusion, "rescale_timesteps", False)))
+
     def __post_init__(self):
         b = np.asarray(self.betas, dtype=np.float64)
         if b.ndim != 1 or len(b) == 0 or not ((b > 0) & (b <= 1)).all():

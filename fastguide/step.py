@@ -80,6 +80,8 @@ class StepSpec:
     update_op: Callable  # the resolved guided_ddpm_update or guided_ddim_update op
     autocast: torch.dtype | None = None  # run the networks under autocast to this dtype
     channels_last: bool = False  # feed the networks channels-last images
+    cond_fn: Callable[..., torch.Tensor] | None = None  # instead of classifier and policy: ADM's cond_fn
+    #   (x, t, y=) -> s·∇x log p(y|x_t), applied with scale 1 as ADM's loops apply it
 
 
 def _networks(spec: StepSpec, x: torch.Tensor):
@@ -159,6 +161,23 @@ def classifier_pass(spec: StepSpec, x: torch.Tensor, t: torch.Tensor, y: torch.T
     return logits.detach(), fused, grad.float()
 
 
+def guidance_pass(
+    spec: StepSpec, x: torch.Tensor, t_model: torch.Tensor, t_orig: torch.Tensor, y: torch.Tensor,
+    max_label: int | None = None,
+):  # fmt: skip
+    """The classifier's part of a step: (logits, fused softmax–entropy–scale, ∇x log p(y|x_t), ‖∇‖₂, s).
+    EDS takes the fused op's scale; any other policy is called on the step's :class:`GuidanceState`."""
+    logits, fused, grad = classifier_pass(spec, x, t_model, y, max_label)
+    grad_norm = grad.flatten(1).norm(dim=1)
+    if isinstance(spec.policy, EntropyDriven):
+        return logits, fused, grad, grad_norm, fused.scale
+    state = GuidanceState(t_orig, spec.num_timesteps, logits.shape[1], fused.entropy, grad_norm, fused.log_prob)
+    scale = torch.as_tensor(spec.policy(state), dtype=torch.float32, device=x.device).detach()
+    if scale.shape != (x.shape[0],):
+        raise ValueError(f"policy returned a scale of shape {tuple(scale.shape)}; expected ({x.shape[0]},)")
+    return logits, fused, grad, grad_norm, scale
+
+
 def guided_step(
     spec: StepSpec, tables: StepTables, x: torch.Tensor, index: torch.Tensor, y: torch.Tensor,
     noise: torch.Tensor | None, max_label: int | None = None,
@@ -178,20 +197,18 @@ def guided_step(
     eps, v, raw = eps_and_v(spec, x, t_model, y)
     zeros = torch.zeros(x.shape[0], dtype=torch.int8, device=x.device)
     eps_status = nonfinite_code(raw) if spec.check_finite else zeros
-    if spec.classifier is None:
+    if spec.cond_fn is not None:  # an ADM cond_fn gives the scaled gradient: applied with s = 1
+        grad = spec.cond_fn(x, t_model, y=y).float()
+        scale = torch.ones(x.shape[0], device=x.device)
+        record = StepRecord(t_orig, None, scale, grad.flatten(1).norm(dim=1), None)
+        grad_status = nonfinite_code(grad) if spec.check_finite else zeros
+        status = torch.stack([eps_status, zeros, zeros, grad_status])
+    elif spec.classifier is None:
         grad = scale = None
         record = StepRecord(t_orig, None, None, None, None)
         status = torch.stack([eps_status, zeros, zeros, zeros])
     else:
-        logits, fused, grad = classifier_pass(spec, x, t_model, y, max_label)
-        grad_norm = grad.flatten(1).norm(dim=1)
-        if isinstance(spec.policy, EntropyDriven):
-            scale = fused.scale
-        else:
-            state = GuidanceState(t_orig, spec.num_timesteps, logits.shape[1], fused.entropy, grad_norm, fused.log_prob)
-            scale = torch.as_tensor(spec.policy(state), dtype=torch.float32, device=x.device).detach()
-            if scale.shape != (x.shape[0],):
-                raise ValueError(f"policy returned a scale of shape {tuple(scale.shape)}; expected ({x.shape[0]},)")
+        logits, fused, grad, grad_norm, scale = guidance_pass(spec, x, t_model, t_orig, y, max_label)
         scale_status = nonfinite_code(scale)
         # without check_finite, bad logits are named only where they made the scale non-finite
         logit_status = logits_code(logits) if spec.check_finite else torch.where(scale_status != 0, logits_code(logits), 0)

@@ -139,8 +139,6 @@ class AdmHere:
     def trajectory(self, method: str, model: str, guidance: str) -> dict[str, torch.Tensor]:
         """ADM's p_sample_loop / ddim_sample_loop (progressive), guided as classifier_sample.py does, from
         x_T with the recorded DDPM noise: ``{prefix}_traj`` (every x_{t−1}), ``_x0`` and ``_scales``."""
-        g = self.g
-        prefix = f"{method}_{model}_{guidance}"
         scales = []
 
         def cond_fn(x, t, y=None):
@@ -149,6 +147,14 @@ class AdmHere:
             scales.append(s)
             return grad * s.view(-1, 1, 1, 1)
 
+        prefix = f"{method}_{model}_{guidance}"
+        traj = self.loop(method, model, cond_fn, prefix)
+        return {f"{prefix}_traj": traj, f"{prefix}_x0": traj[-1], f"{prefix}_scales": torch.stack(scales)}
+
+    def loop(self, method: str, model: str, cond_fn, prefix: str) -> torch.Tensor:
+        """(steps, B, C, H, W): every x_{t−1} of ADM's own progressive loop with ``cond_fn``, from the folder's
+        x_T and the recorded noise of trajectory ``prefix`` (DDPM)."""
+        g = self.g
         recorded = list(g.ref.get(f"{prefix}_noise", []))
         randn_like = torch.randn_like
 
@@ -167,8 +173,7 @@ class AdmHere:
                     model_kwargs={"y": g.y}, device="cpu", **extra,
                 )  # fmt: skip
             ]
-        traj, scales = torch.stack(steps), torch.stack(scales)
-        return {f"{prefix}_traj": traj, f"{prefix}_x0": traj[-1], f"{prefix}_scales": scales}
+        return torch.stack(steps)
 
 
 @functools.cache

@@ -1,4 +1,5 @@
-"""ADM-compatible networks (openai/guided-diffusion): same classes, arguments and state_dict keys."""
+"""ADM-compatible networks (openai/guided-diffusion): same classes, arguments and state_dict keys; and fastguide
+inside ADM code: cond_fn for ADM's loops, accelerate(diffusion) for fastguide's loops behind ADM's interface."""
 
 from .checkpoint import load_checkpoint, load_state_dict
 from .configs import (
@@ -12,10 +13,16 @@ from .configs import (
     adm_unet,
     adm_unet_flags,
 )
+from .drop_in import AcceleratedDiffusion, CondFn, accelerate, cond_fn, eds_cond_fn
 from .nn import timestep_embedding
 from .unet import EncoderUNetModel, UNetModel
 
 __all__ = [
+    "AcceleratedDiffusion",
+    "CondFn",
+    "accelerate",
+    "cond_fn",
+    "eds_cond_fn",
     "PUBLISHED_CLASSIFIERS",
     "PUBLISHED_CLASSIFIER_SCALE",
     "PUBLISHED_UNETS",
