@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .unet import EncoderUNetModel, UNetModel
 
@@ -45,6 +46,20 @@ def attention_ds(image_size: int, attention_resolutions: str) -> tuple[int, ...]
     return tuple(out)
 
 
+def check_types(flags) -> None:
+    """ValueError naming a field whose value is not of its declared type (a bool given as "False" would
+    otherwise count as true): bool fields take bools, int fields ints, float fields numbers, str fields str."""
+    kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+    for f in dataclasses.fields(flags):
+        value, want = getattr(flags, f.name), kinds.get(str(f.type))
+        if want is None:
+            continue
+        wrong = not isinstance(value, want) or (isinstance(value, bool) and str(f.type) != "bool")
+        if wrong:
+            hint = "; parse flag strings with fastguide.adm.parse_flags" if isinstance(value, str) else ""
+            raise ValueError(f"{f.name} must be {f.type}, got {value!r}{hint}")
+
+
 @dataclass(frozen=True)
 class ModelFlags:
     """ADM's model and diffusion flags (guided-diffusion ``model_and_diffusion_defaults``)."""
@@ -68,9 +83,17 @@ class ModelFlags:
     diffusion_steps: int = 1000  # T of the training schedule
     noise_schedule: str = "linear"  # "linear" or "cosine"
     timestep_respacing: str = ""  # "" (all steps), "250", "10,15,20" or "ddim25"
+    use_kl: bool = False  # train on the variational bound (training only)
+    predict_xstart: bool = False  # the network predicts x0 instead of eps (fastguide samples eps-models only)
     rescale_timesteps: bool = False  # feed the network t scaled to 0..1000
+    rescale_learned_sigmas: bool = False  # RESCALED_MSE loss (training only)
     in_channels: int = 3  # image channels (not an ADM flag; 3 in ADM)
     num_classes: int = IMAGENET_CLASSES  # classes of a class-conditional model (not an ADM flag)
+
+    NOT_ADM: ClassVar[tuple[str, ...]] = ("in_channels", "num_classes")
+
+    def __post_init__(self):
+        check_types(self)
 
     def build(self) -> UNetModel:
         """Instantiate the UNet these flags describe (randomly initialised)."""
@@ -102,6 +125,8 @@ class ModelFlags:
         """The (respaced) noise schedule these flags describe; ``timestep_respacing`` overrides the flag."""
         from ..schedule import Schedule
 
+        if self.predict_xstart:
+            raise ValueError("predict_xstart=True: fastguide samples eps-prediction models only")
         respacing = self.timestep_respacing if timestep_respacing is None else timestep_respacing
         return Schedule.create(self.noise_schedule, self.diffusion_steps, respacing, self.rescale_timesteps)
 
@@ -122,6 +147,11 @@ class ClassifierFlags:
     in_channels: int = 3  # not an ADM flag
     num_classes: int = IMAGENET_CLASSES  # not an ADM flag: classifier outputs
     num_head_channels: int = 64  # not an ADM flag: ADM hard-codes 64
+
+    NOT_ADM: ClassVar[tuple[str, ...]] = ("channel_mult", "in_channels", "num_classes", "num_head_channels")
+
+    def __post_init__(self):
+        check_types(self)
 
     def build(self) -> EncoderUNetModel:
         """Instantiate the classifier these flags describe (randomly initialised)."""

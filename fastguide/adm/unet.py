@@ -85,6 +85,8 @@ class _Torso(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
+        if getattr(self, "num_classes", None) is not None:  # here, as in ADM: same key order, same seeded init
+            self.label_emb = nn.Embedding(self.num_classes, model_channels * 4)
 
         self._block_args = _BlockArgs(
             time_embed_dim, dropout, dims, use_checkpoint, use_scale_shift_norm, num_heads, num_head_channels,
@@ -187,8 +189,6 @@ class UNetModel(_Torso):
             num_heads_upsample, use_scale_shift_norm, resblock_updown, use_new_attention_order,
         )  # fmt: skip
         num_heads_upsample = self.num_heads_upsample
-        if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, model_channels * 4)
 
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(channel_mult))[::-1]:
