@@ -87,6 +87,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .adm_sample import add_adm_sample_command
     from .commands import add_evaluate_command, add_reproduce_command, add_sample_command
     from .train.tasks import ClassifierTrainConfig, DiffusionTrainConfig
 
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_command(sub)
     add_evaluate_command(sub)
     add_reproduce_command(sub)
+    add_adm_sample_command(sub)
     _train_command(
         sub, "train-classifier", ClassifierTrainConfig,
         "Train a noise-aware classifier (ADM's recipe; ECT with --eta > 0). Runs under torchrun for DDP.",

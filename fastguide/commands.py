@@ -177,7 +177,17 @@ def earlier_run_files(out: Path) -> set[str]:
     return {n for n in files if isinstance(n, str) and SAMPLE_FILES.fullmatch(n) and (out / n).is_file()}
 
 
+def refuse_torchrun(command: str) -> None:
+    """ValueError under torchrun with more than one process: every rank would do the whole job and write the
+    same files."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise ValueError(f"fastguide {command} runs as one process, but torchrun started {world}: each would do "
+                         "the whole job and write the same files; use fastguide adm-sample, which shards")  # fmt: skip
+
+
 def run_sample(args) -> None:
+    refuse_torchrun("sample")
     from .generate import build_policy, generate, load_networks, make_sampler, resolve_device, save_npz
     from .plots import _pyplot, save_grad_maps, save_grid, save_trace_plot
     from .sampler import SamplerConfig
@@ -299,6 +309,7 @@ def add_reproduce_command(sub) -> None:
 
 
 def _run_reproduce(args) -> None:
+    refuse_torchrun("reproduce")
     from .reproduce import run
 
     run(args)

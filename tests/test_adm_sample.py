@@ -1,0 +1,136 @@
+"""``fastguide adm-sample``: ADM's flags and checkpoints, ADM's .npz, the same file on 1 and 2 torchrun ranks,
+also when a rank is killed and the job restarted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from adm_reference import MISSING
+
+import fastguide as fg
+from fastguide.adm.flags import parse_flags
+from fastguide.cli import main
+
+FLAGS = (
+    "--image_size 64 --num_channels 32 --num_res_blocks 1 --attention_resolutions 32 --num_head_channels 16 "
+    "--class_cond True --learn_sigma True --channel_mult 1,2 --classifier_width 64 --classifier_depth 1 "
+    "--classifier_attention_resolutions 16,8"
+).split()
+RUN = ["--num_samples", "5", "--batch_size", "2", "--timestep_respacing", "ddim4", "--use_ddim", "True",
+       "--use_entropy_scale", "True", "--classifier_scale", "2", "--quiet"]  # fmt: skip
+NPZ = "samples_5x64x64x3.npz"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """ADM-format checkpoints of the FLAGS networks, made by ADM's own code where it is installed."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    if MISSING is None:
+        from test_adm_flags import adm_build
+
+        _, unet, _, classifier = adm_build(" ".join(FLAGS))
+    else:
+        flags = parse_flags(FLAGS)
+        unet, classifier = flags.model.build(), flags.classifier.build()
+    torch.save(unet.state_dict(), folder / "model.pt")
+    torch.save(classifier.state_dict(), folder / "classifier.pt")
+    return ["--model_path", str(folder / "model.pt"), "--classifier_path", str(folder / "classifier.pt")]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def torchrun(nproc: int, out, checkpoints, *extra, env=None, restarts: int = 0):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           f"--max-restarts={restarts}", "-m", "fastguide", "adm-sample", *FLAGS, *checkpoints, *RUN,
+           "--out", str(out), *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), timeout=600)
+
+
+def cli(argv: list[str]) -> int:
+    """The exit status of ``fastguide ARGV`` (argparse's own errors exit through SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return stop.code
+
+
+def load(path):
+    with np.load(path) as f:
+        assert sorted(f.files) == ["arr_0", "arr_1"]
+        return f["arr_0"], f["arr_1"]
+
+
+def test_one_and_two_ranks_write_the_same_npz_also_after_a_rank_is_killed(tmp_path, checkpoints):
+    one = torchrun(1, tmp_path / "one", checkpoints)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(2, tmp_path / "two", checkpoints)
+    assert two.returncode == 0, two.stderr[-3000:]
+    killed = torchrun(2, tmp_path / "killed", checkpoints, env=_env(FASTGUIDE_KILL_AFTER_BATCHES="1:1"), restarts=1)
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    assert "exitcode: -9" in killed.stderr  # rank 1 was SIGKILLed after its first batch; torchrun restarted both
+    images, labels = load(tmp_path / "one" / NPZ)
+    assert images.shape == (5, 64, 64, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
+    for other in ("two", "killed"):
+        got_images, got_labels = load(tmp_path / other / NPZ)
+        assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels), other
+        assert not (tmp_path / other / ".adm-sample-shards").exists()
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["adm-sample.json", NPZ]
+
+
+def test_the_npz_holds_fastguides_samples_for_each_samples_seed_and_label(tmp_path, checkpoints):
+    assert main(["adm-sample", *FLAGS, *checkpoints, *RUN, "--out", str(tmp_path), "--seed", "10"]) == 0
+    images, labels = load(tmp_path / NPZ)
+    flags = parse_flags(FLAGS)
+    unet = fg.adm.load_checkpoint(flags.model.build(), checkpoints[1]).eval()
+    classifier = fg.adm.load_checkpoint(flags.classifier.build(), checkpoints[3]).eval()
+    sampler = fg.GuidedSampler(unet, classifier, fg.Schedule.create("linear", 1000, "ddim4"), fg.EntropyDriven(2.0))
+    want_labels = [int(np.random.default_rng([10, i]).integers(1000)) for i in range(5)]
+    assert labels.tolist() == want_labels
+    # batch 1 of batch size 2: samples 2 and 3
+    want = fg.to_uint8(sampler.sample(want_labels[2:4], seeds=[12, 13]).images).numpy()
+    assert np.array_equal(images[2:4], want)
+    # a second run of the same command finds its output and does nothing
+    before = (tmp_path / NPZ).stat().st_mtime_ns
+    assert main(["adm-sample", *FLAGS, *checkpoints, *RUN, "--out", str(tmp_path), "--seed", "10"]) == 0
+    assert (tmp_path / NPZ).stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--num_channel", "32"], "unrecognized arguments: --num_channel 32"),
+    (["--class_cond", "maybe"], "--class_cond expects a boolean"),
+    (["--num_samples", "0"], "--num_samples must be positive, got 0"),
+    (["--model_path", "no_such.pt"], "no_such.pt"),
+    (["--policy", "constant"], "--use_entropy_scale True asks for EDS, but --policy is constant"),
+    (["--timestep_respacing", "ddim7000"], "ddim7000"),
+    (["--predict_xstart", "True"], "eps-prediction models only"),
+])  # fmt: skip
+def test_bad_input_is_one_line_before_any_work(tmp_path, checkpoints, capsys, extra, message):
+    assert cli(["adm-sample", *FLAGS, *checkpoints, *RUN, "--out", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_another_run_in_the_same_folder_is_refused(tmp_path, checkpoints, capsys):
+    assert main(["adm-sample", *FLAGS, *checkpoints, *RUN, "--out", str(tmp_path)]) == 0
+    assert main(["adm-sample", *FLAGS, *checkpoints, *RUN, "--out", str(tmp_path), "--classifier_scale", "3"]) == 2
+    assert "holds a run with other settings (classifier_scale)" in capsys.readouterr().err
+
+
+def test_sample_and_reproduce_refuse_to_run_on_several_ranks(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command in (["sample", "--out", str(tmp_path / "s")], ["reproduce", "--out", str(tmp_path / "r"), "--quick"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "torchrun started 2" in err and "fastguide adm-sample" in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())
