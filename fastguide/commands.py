@@ -7,6 +7,7 @@ and renamed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -260,7 +261,11 @@ def add_evaluate_command(sub) -> None:
         "MNIST 5k split in the embedded evaluation network's feature space, or in Inception-v3's with --inception.",
     )
     p.add_argument("samples", help="ADM-format .npz of samples")
-    p.add_argument("--ref", default=None, help="reference .npz (arr_0) instead of the held-out MNIST 5k split")
+    p.add_argument("--ref", default=None,
+                   help="reference .npz instead of the held-out MNIST 5k split: arr_0 images and/or ADM's precomputed "
+                   "mu, sigma, mu_s, sigma_s (ADM's reference batches)")  # fmt: skip
+    p.add_argument("--sfid", action=argparse.BooleanOptionalAction, default=True,
+                   help="also compute sFID (spatial features; default: on)")  # fmt: skip
     p.add_argument("--inception", default=None,
                    help="TorchScript Inception-v3 file (inception-2015-12-05.pt, StyleGAN2-ADA/EDM format) "
                    "for ImageNet-comparable FID/IS/precision/recall")  # fmt: skip
@@ -270,23 +275,26 @@ def add_evaluate_command(sub) -> None:
 
 
 def run_evaluate(args) -> None:
-    from .evaluation import Evaluator, check_samples, load_npz, reference_images
+    from .evaluation import Evaluator, check_samples, load_npz, load_reference
     from .files import atomic_write
     from .generate import resolve_device
 
     images, labels = load_npz(args.samples)
     check_samples(images, labels)
-    ref = reference_images(args.ref)
+    ref = None if args.ref is None else load_reference(args.ref)
     device = resolve_device(args.device)
     if args.json is not None:
         if Path(args.json).is_dir():
             raise ValueError(f"--json {args.json!r} is a folder; give a file name")
         check_output_folder(Path(args.json).parent)
-    evaluator = Evaluator(ref, args.inception, device)
+    evaluator = Evaluator(ref, args.inception, device, spatial=args.sfid)
     evaluator.check(images, labels)
     scores = evaluator(images, labels)
     for key, value in scores.as_dict().items():
         print(f"{key:16s} {value:.4f}" if isinstance(value, float) else f"{key:16s} {value}")
+    print("Computing evaluations...")  # ADM's evaluator's summary, line for line
+    for line in evaluator.adm_summary(scores):
+        print(line)
     if args.json is not None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(scores.as_dict(), indent=1) + "\n"))

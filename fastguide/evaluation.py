@@ -28,6 +28,9 @@ from . import metrics
 from .files import require_file
 
 BATCH = 250
+SPATIAL_CHANNELS = 7  # channels of the spatial map kept for sFID (ADM: 7 of mixed_6/conv)
+SPATIAL_GRID = 4  # the map is average-pooled to 4×4: 112 dimensions, so that 500 reference images estimate
+#                   its covariance (at 16×16 it would have 1792 dimensions, more than any MNIST sample set)
 
 
 def load_npz(path: str | os.PathLike, what: str = "samples") -> tuple[np.ndarray, np.ndarray | None]:
@@ -84,6 +87,24 @@ class EvalNetFeatures:
         self.shape = (self.net.in_channels, self.net.image_size, self.net.image_size)
         self._pooled: torch.Tensor | None = None
         self.net.out[-1].register_forward_pre_hook(self._keep_input)
+        self.spatial_block = self._half_resolution_block()
+        self._spatial: torch.Tensor | None = None
+        self.net.input_blocks[self.spatial_block].register_forward_hook(self._keep_spatial)
+
+    def _half_resolution_block(self) -> int:
+        """Index of the last input block whose output is at half the image resolution (sFID's map)."""
+        sizes = []
+        hooks = [b.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for b in self.net.input_blocks]
+        c, h, w = self.shape
+        with torch.no_grad():
+            self.net(torch.zeros(1, c, h, w, device=self.device), torch.zeros(1, dtype=torch.long, device=self.device))
+        for hook in hooks:
+            hook.remove()
+        return max(i for i, size in enumerate(sizes) if size == w // 2)
+
+    def _keep_spatial(self, module, args, output):
+        kept = output[:, :SPATIAL_CHANNELS].float()
+        self._spatial = torch.nn.functional.adaptive_avg_pool2d(kept, SPATIAL_GRID).flatten(1)
 
     def _keep_input(self, module, args):
         h = args[0]
@@ -106,15 +127,26 @@ class EvalNetFeatures:
             )
 
     @torch.no_grad()
+    def _run(self, images: np.ndarray):
+        for i in range(0, len(images), BATCH):
+            x = torch.from_numpy(images[i : i + BATCH]).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            yield self.net(x, torch.zeros(len(x), dtype=torch.long, device=self.device))
+
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(features (N, D), probabilities (N, K)) of uint8 NHWC images."""
         feats, probs = [], []
-        for i in range(0, len(images), BATCH):
-            x = torch.from_numpy(images[i : i + BATCH]).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
-            logits = self.net(x, torch.zeros(len(x), dtype=torch.long, device=self.device))
+        for logits in self._run(images):
             feats.append(self._pooled.cpu().double().numpy())
             probs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
         return np.concatenate(feats), np.concatenate(probs)
+
+    def spatial(self, images: np.ndarray) -> np.ndarray:
+        """sFID's spatial features (N, 7·4·4): the first 7 channels of the feature map at half the image
+        resolution (the output of input block ``spatial_block``, 16×16 for 32×32 images), average-pooled to a
+        4×4 grid and flattened. ADM takes the first 7 channels of Inception's 17×17 mixed_6/conv map (2023
+        dimensions, for 50,000 samples); the grid keeps where things are while the dimension stays below the
+        number of images an MNIST evaluation has."""
+        return np.concatenate([self._spatial.cpu().double().numpy() for _ in self._run(images)])
 
 
 class InceptionFeatures:
@@ -132,6 +164,11 @@ class InceptionFeatures:
                 f"{str(path)!r} is not a TorchScript Inception network (inception-2015-12-05.pt format): "
                 f"{str(err).splitlines()[0]}"
             ) from None
+
+    # ADM's sFID reads Inception's mixed_6/conv map; the StyleGAN2-ADA/EDM TorchScript file returns only the
+    # pool features or the logits
+    spatial = None
+    spatial_unavailable = "the TorchScript Inception file gives no intermediate (mixed_6/conv) map"
 
     def check(self, images: np.ndarray, what: str) -> None:
         """Any size and 1 or 3 channels: the network resizes to 299x299 itself."""
@@ -155,15 +192,55 @@ class Scores:
 
     fid: float
     inception_score: float
-    precision: float
-    recall: float
+    precision: float | None  # None: the reference has statistics but no images
+    recall: float | None
     class_accuracy: float | None
     num_samples: int
     num_reference: int
     feature_space: str
+    sfid: float | None = None  # spatial FID; None where not asked for or not available (Evaluator.unavailable)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference batch: images (``arr_0``) and/or precomputed statistics, as ADM's reference batches hold
+    them (``mu``/``sigma`` of the pool features, ``mu_s``/``sigma_s`` of the spatial ones)."""
+
+    images: np.ndarray | None
+    stats: metrics.GaussianStats | None = None
+    spatial_stats: metrics.GaussianStats | None = None
+
+
+def _stats(arrays: dict, mu: str, sigma: str, path) -> metrics.GaussianStats | None:
+    if mu not in arrays and sigma not in arrays:
+        return None
+    if mu not in arrays or sigma not in arrays:
+        raise ValueError(f"reference {str(path)!r} has {mu if mu in arrays else sigma} without "
+                         f"{sigma if mu in arrays else mu}")  # fmt: skip
+    m, c = np.asarray(arrays[mu], np.float64), np.asarray(arrays[sigma], np.float64)
+    if m.ndim != 1 or c.shape != (len(m), len(m)) or not (np.isfinite(m).all() and np.isfinite(c).all()):
+        raise ValueError(f"reference {str(path)!r}: {mu} must be (D,) and {sigma} (D, D), finite; got "
+                         f"{m.shape} and {c.shape}")  # fmt: skip
+    return metrics.GaussianStats(m, c)
+
+
+def load_reference(path: str | os.PathLike) -> Reference:
+    """A reference ``.npz``: ``arr_0`` images (uint8 NHWC), and/or ADM's precomputed ``mu``, ``sigma``,
+    ``mu_s``, ``sigma_s`` (e.g. ADM's VIRTUAL_imagenet256_labeled.npz). Raises ValueError naming what is wrong."""
+    path = require_file(path, "reference file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"reference file {str(path)!r} is not an .npz file (not a zip archive, or cut short)")
+    with np.load(path, allow_pickle=False) as data:
+        names = set(data.files)
+        arrays = {k: data[k] for k in names & {"mu", "sigma", "mu_s", "sigma_s"}}
+    stats, spatial = _stats(arrays, "mu", "sigma", path), _stats(arrays, "mu_s", "sigma_s", path)
+    if "arr_0" not in names and stats is None:
+        raise ValueError(f"reference file {str(path)!r} has neither arr_0 (images) nor mu/sigma (found {sorted(names)})")
+    images = load_npz(path, "reference")[0] if "arr_0" in names else None
+    return Reference(images, stats, spatial)
 
 
 def reference_images(path: str | os.PathLike | None = None) -> np.ndarray:
@@ -179,31 +256,63 @@ class Evaluator:
     """Scores sample sets against one reference set, computing the reference features once.
 
     Args:
-        reference: uint8 NHWC reference images (default: the held-out MNIST 5k split).
+        reference: uint8 NHWC reference images, or a :class:`Reference` (images and/or ADM's precomputed
+            statistics); default: the held-out MNIST 5k split.
         inception: path of a TorchScript Inception-v3 for FID/IS/precision/recall (default: the
             embedded evaluation network's feature space).
         device: "auto", "cpu", "cuda", ...
+        spatial: also compute sFID (spatial features; see :meth:`EvalNetFeatures.spatial`).
+
+    ``unavailable`` names each score that cannot be computed for this reference and feature space, and why.
     """
 
-    def __init__(self, reference: np.ndarray | None = None, inception: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None):  # fmt: skip
+    def __init__(self, reference: np.ndarray | Reference | None = None, inception: str | os.PathLike | None = None,
+                 device: str | torch.device | None = None, spatial: bool = False):  # fmt: skip
         self.classifier = EvalNetFeatures(device=device)
         self.features = self.classifier if inception is None else InceptionFeatures(inception, device)
-        reference = reference_images() if reference is None else reference
-        self.features.check(reference, "reference images")
-        if len(reference) <= metrics.PR_K:
-            raise ValueError(f"need more than {metrics.PR_K} reference images, got {len(reference)}")
-        self.num_reference = len(reference)
-        self._reference = reference
+        ref = reference_images() if reference is None else reference
+        self.reference = ref if isinstance(ref, Reference) else Reference(ref)
+        images = self.reference.images
+        if images is not None:
+            self.features.check(images, "reference images")
+            if len(images) <= metrics.PR_K:
+                raise ValueError(f"need more than {metrics.PR_K} reference images, got {len(images)}")
+        self.num_reference = 0 if images is None else len(images)
+        self.unavailable: dict[str, str] = {}
+        if images is None:
+            self.unavailable.update(precision="the reference has no images", recall="the reference has no images")
+        self.spatial = spatial
+        if spatial and self.features.spatial is None:
+            self.unavailable["sfid"] = self.features.spatial_unavailable
+        elif spatial and images is None and self.reference.spatial_stats is None:
+            self.unavailable["sfid"] = "the reference has neither images nor mu_s/sigma_s"
         self._reference_features: np.ndarray | None = None
+        self._reference_stats: dict[str, metrics.GaussianStats] = {}
 
     @property
     def reference_features(self) -> np.ndarray:
         """Features of the reference images (computed on first use, then kept)."""
         if self._reference_features is None:
-            self._reference_features = self.features(self._reference)[0]
-            self.reference_stats = metrics.feature_stats(self._reference_features)
+            self._reference_features = self.features(self.reference.images)[0]
         return self._reference_features
+
+    def reference_stats(self, kind: str, dim: int) -> metrics.GaussianStats:
+        """The reference's Gaussian statistics of ``kind`` ("pool" or "spatial"): the precomputed ones where the
+        reference has them (their dimension must be the feature space's ``dim``), else from its images."""
+        if kind not in self._reference_stats:
+            given = self.reference.stats if kind == "pool" else self.reference.spatial_stats
+            if given is not None:
+                if len(given.mu) != dim:
+                    names = "mu/sigma" if kind == "pool" else "mu_s/sigma_s"
+                    raise ValueError(f"the reference's precomputed {names} have {len(given.mu)} dimensions, the "
+                                     f"{self.features.name} features {dim}: they are of another network")  # fmt: skip
+                stats = given
+            elif kind == "pool":
+                stats = metrics.feature_stats(self.reference_features)
+            else:
+                stats = metrics.feature_stats(self.features.spatial(self.reference.images))
+            self._reference_stats[kind] = stats
+        return self._reference_stats[kind]
 
     def check(self, images: np.ndarray, labels: np.ndarray | None) -> bool:
         """Raise ValueError for samples that cannot be scored; returns whether class accuracy applies."""
@@ -228,18 +337,38 @@ class Evaluator:
         if with_accuracy:
             class_probs = probs if self.features is self.classifier else self.classifier(images)[1]
             accuracy = metrics.class_accuracy(class_probs, labels)
-        reference = self.reference_features
-        pr = metrics.precision_recall(reference, feats, k=metrics.PR_K)
+        fid = metrics.frechet_distance(self.reference_stats("pool", feats.shape[1]), metrics.feature_stats(feats))
+        pr = None
+        if self.reference.images is not None:
+            pr = metrics.precision_recall(self.reference_features, feats, k=metrics.PR_K)
+        sfid = None
+        if self.spatial and "sfid" not in self.unavailable:
+            spatial = self.features.spatial(images)
+            sfid = metrics.frechet_distance(self.reference_stats("spatial", spatial.shape[1]),
+                                            metrics.feature_stats(spatial))  # fmt: skip
         return Scores(
-            fid=metrics.frechet_distance(self.reference_stats, metrics.feature_stats(feats)),
+            fid=fid,
             inception_score=metrics.inception_score(probs),
-            precision=pr.precision,
-            recall=pr.recall,
+            precision=None if pr is None else pr.precision,
+            recall=None if pr is None else pr.recall,
             class_accuracy=accuracy,
             num_samples=len(images),
             num_reference=self.num_reference,
             feature_space=self.features.name,
+            sfid=sfid,
         )
+
+    def adm_summary(self, scores: Scores) -> list[str]:
+        """ADM's evaluator summary lines (evaluations/evaluator.py): Inception Score, FID, sFID, Precision,
+        Recall; a score that cannot be computed reads ``n/a (why)``."""
+        values = {"Inception Score": scores.inception_score, "FID": scores.fid, "sFID": scores.sfid,
+                  "Precision": scores.precision, "Recall": scores.recall}  # fmt: skip
+        keys = {"sFID": "sfid", "Precision": "precision", "Recall": "recall"}
+        lines = []
+        for name, value in values.items():
+            why = self.unavailable.get(keys.get(name, ""), "not computed")
+            lines.append(f"{name}: {value}" if value is not None else f"{name}: n/a ({why})")
+        return lines
 
 
 def evaluate_npz(path: str | os.PathLike, reference: str | os.PathLike | None = None,
@@ -247,5 +376,5 @@ def evaluate_npz(path: str | os.PathLike, reference: str | os.PathLike | None = 
     """Scores of the samples in an ADM ``.npz`` (see :class:`Evaluator`); inputs are checked first."""
     images, labels = load_npz(path)
     check_samples(images, labels)
-    ref = reference_images(reference)
+    ref = None if reference is None else load_reference(reference)
     return Evaluator(ref, inception, device)(images, labels)

@@ -219,7 +219,7 @@ def test_bad_evaluate_input_is_one_line(tmp_path, capsys, make, message):
     assert not (tmp_path / "out.json").exists()
 
 
-def test_evaluate_with_a_torchscript_inception_file(tmp_path):
+def test_evaluate_with_a_torchscript_inception_file(tmp_path, capsys):
     """The --inception path: any TorchScript module with the StyleGAN2-ADA/EDM detector's signature."""
 
     class FakeDetector(torch.nn.Module):
@@ -241,6 +241,9 @@ def test_evaluate_with_a_torchscript_inception_file(tmp_path):
     assert main(args) == 0
     scores = json.loads((tmp_path / "j.json").read_text())
     assert scores["feature_space"] == "inception" and scores["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert scores["sfid"] is None
+    out = capsys.readouterr().out
+    assert "sFID: n/a (the TorchScript Inception file gives no intermediate (mixed_6/conv) map)" in out
     assert scores["precision"] == 1.0 and scores["recall"] == 1.0
     (tmp_path / "junk.pt").write_text("no")
     assert main(args[:5] + [str(tmp_path / "junk.pt")]) == 2
