@@ -3,6 +3,7 @@ ADM's loops, and ADM's loops replaced by ``accelerate(diffusion)``."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
@@ -174,3 +175,34 @@ def test_cond_fn_sees_original_timesteps_when_adm_rescales_them():
     assert seen[0].tolist() == [3999, 1]
     const = fg.adm.cond_fn(clf, 2.5)
     assert const.policy == fg.Constant(2.5)
+
+
+def test_the_readmes_adm_lines_run_in_an_adm_script():
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Using fastguide in an ADM codebase")[1].split("\n## ")[0]
+    python = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(python) == 2
+    g = golden(FOLDERS[0].values[0])
+    adm = adm_here(g)
+    names = {"fastguide": fg, "classifier": adm.classifier, "diffusion": adm.diffusion("ddim"),
+             "args": types.SimpleNamespace(classifier_scale=2.0)}  # fmt: skip
+    for block in python:  # classifier_sample.py's names, then the README's lines
+        exec(compile(block, "README.md", "exec"), names)
+    assert isinstance(names["diffusion"], fg.adm.AcceleratedDiffusion)
+    assert names["cond_fn"].policy == fg.EntropyDriven(2.0)
+    shape = tuple(g.x_T.shape)
+    sample = names["diffusion"].ddim_sample_loop(adm.unets["cond"], shape, cond_fn=names["cond_fn"],
+                                                 model_kwargs={"y": g.y})  # fmt: skip
+    assert sample.shape == shape and torch.isfinite(sample).all()
+    # the adm-sample example's flag strings are the 256x256 ones of guided-diffusion's README
+    bash = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
+    strings = dict(re.findall(r'^(\w+_FLAGS)="(.*)"$', bash, flags=re.M))
+    flags = fg.adm.parse_flags(f"{strings['MODEL_FLAGS']} {strings['CLASSIFIER_FLAGS']} {strings['SAMPLE_FLAGS']}")
+    published = fg.adm.parse_flags(fg.adm.flags.README_FLAGS["256x256"])
+    assert flags.model == dataclasses.replace(published.model, timestep_respacing="ddim25")
+    assert flags.classifier == published.classifier and flags.sample.use_ddim
+    assert "adm-sample" in shlex.split(bash.replace("\\\n", " "))

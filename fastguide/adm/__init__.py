@@ -14,11 +14,13 @@ from .configs import (
     adm_unet_flags,
 )
 from .drop_in import AcceleratedDiffusion, CondFn, accelerate, cond_fn, eds_cond_fn
+from .flags import AdmFlags, SampleFlags, parse_flags
 from .nn import timestep_embedding
 from .unet import EncoderUNetModel, UNetModel
 
 __all__ = [
     "AcceleratedDiffusion",
+    "AdmFlags",
     "CondFn",
     "accelerate",
     "cond_fn",
@@ -29,6 +31,7 @@ __all__ = [
     "ClassifierFlags",
     "EncoderUNetModel",
     "ModelFlags",
+    "SampleFlags",
     "UNetModel",
     "adm_classifier",
     "adm_classifier_flags",
@@ -36,5 +39,6 @@ __all__ = [
     "adm_unet_flags",
     "load_checkpoint",
     "load_state_dict",
+    "parse_flags",
     "timestep_embedding",
 ]
