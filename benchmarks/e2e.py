@@ -97,8 +97,10 @@ def adm_networks(case: Case, unet, clf, fp16: bool):
 # ---- the contenders ----
 
 
-def adm_loop(case: Case, method: str, respacing: str, unet, clf, fp16: bool) -> Callable | None:
-    """ADM's own loop with classifier_sample.py's cond_fn (None without guided-diffusion-sdk)."""
+def adm_loop(case: Case, method: str, respacing: str, unet, clf, fp16: bool,
+             accelerate: fg.SamplerConfig | None = None) -> Callable | None:  # fmt: skip
+    """ADM's own loop with classifier_sample.py's cond_fn (None without guided-diffusion-sdk); with
+    ``accelerate``, the same script with its one changed line, ``diffusion = accelerate(diffusion, config)``."""
     nets = adm_networks(case, unet, clf, fp16)
     if nets is None:
         return None
@@ -126,6 +128,8 @@ def adm_loop(case: Case, method: str, respacing: str, unet, clf, fp16: bool) -> 
         return adm_unet(x, t, y if flags.class_cond else None)
 
     model_fn.parameters = adm_unet.parameters
+    if accelerate is not None:
+        diffusion = fg.adm.accelerate(diffusion, accelerate)
     loop = diffusion.ddim_sample_loop if method == "ddim" else diffusion.p_sample_loop
 
     def run(x_T, y):
@@ -204,6 +208,9 @@ def contenders(case: Case, method: str, respacing: str, device: torch.device, wh
                                        else False, precision="auto" if cuda else "bfloat16"),  # fmt: skip
         "fast-fp32": lambda: fastguide_loop(case, method, respacing, unet, clf, compile=True, precision="float32"),
         "fast-bf16": lambda: fastguide_loop(case, method, respacing, unet, clf, compile=False, precision="bfloat16"),
+        # ADM's script with accelerate(diffusion): its own cond_fn and model_fn, fastguide's compiled loop
+        "adm-accelerated": lambda: adm_loop(case, method, respacing, unet, clf, fp16=cuda, accelerate=fg.SamplerConfig(
+            compile=True, precision="auto" if cuda else "bfloat16")),
     }
     runs = {name: make[name]() for name in which}
     return {name: run for name, run in runs.items() if run is not None}

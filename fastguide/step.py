@@ -198,7 +198,8 @@ def guided_step(
     zeros = torch.zeros(x.shape[0], dtype=torch.int8, device=x.device)
     eps_status = nonfinite_code(raw) if spec.check_finite else zeros
     if spec.cond_fn is not None:  # an ADM cond_fn gives the scaled gradient: applied with s = 1
-        grad = spec.cond_fn(x, t_model, y=y).float()
+        with _networks(spec, x)[1]:  # its classifier under the networks' autocast
+            grad = spec.cond_fn(x, t_model, y=y).float()
         scale = torch.ones(x.shape[0], device=x.device)
         record = StepRecord(t_orig, None, scale, grad.flatten(1).norm(dim=1), None)
         grad_status = nonfinite_code(grad) if spec.check_finite else zeros

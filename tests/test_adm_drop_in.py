@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import warnings
 
 import pytest
 import torch
@@ -206,3 +207,40 @@ def test_the_readmes_adm_lines_run_in_an_adm_script():
     assert flags.model == dataclasses.replace(published.model, timestep_respacing="ddim25")
     assert flags.classifier == published.classifier and flags.sample.use_ddim
     assert "adm-sample" in shlex.split(bash.replace("\\\n", " "))
+
+
+@pytest.mark.parametrize("folder, method, model, guidance",
+                         [c for c in _trajectory_cases() if c.values[3] == "constant"])  # fmt: skip
+def test_an_adm_script_accelerated_and_compiled_is_one_graph_and_meets_the_float64_rule(
+    folder, method, model, guidance, monkeypatch
+):
+    """The one-line change with the fast path on: ADM's own cond_fn and networks inside fastguide's compiled
+    step (one graph, no recompilation, no eager fallback), every step under the float64 rule."""
+    from test_adm_parity import assert_float64_parity, here_runs
+
+    g = golden(folder)
+    if g.f64 is None:
+        pytest.skip(f"{folder} has no float64 reference")
+    monkeypatch.setenv("FASTGUIDE_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    adm = adm_here(g)
+    fast = fg.adm.accelerate(adm.diffusion(method), fg.SamplerConfig(compile=True))
+    prefix = f"{method}_{model}_{guidance}"
+    recorded = list(g.ref.get(f"{prefix}_noise", []))
+    randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *s, **k: recorded.pop(0).clone() if recorded else randn(*s, **k))
+    loop = fast.p_sample_loop_progressive if method == "ddpm" else fast.ddim_sample_loop_progressive
+    with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
+        warnings.simplefilter("error")  # an eager fallback would warn
+        steps = [out["sample"] for out in loop(adm.unets[model], tuple(g.x_T.shape), noise=g.x_T.clone(),
+                                               cond_fn=adm_cond_fn(adm, g.meta["gamma"]), model_kwargs={"y": g.y})]  # fmt: skip
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    runs = {"recorded": g.ref, **{name: run.trajectory(method, model, guidance) for name, run in here_runs(g).items()}}
+    key = f"{prefix}_traj" if f"{prefix}_traj" in g.f64 else None
+    if key:
+        for k, x in enumerate(steps):
+            refs = {name: run[key][k] for name, run in runs.items() if key in run}
+            assert_float64_parity(f"{prefix} step {k}", x, g.f64[key][k], refs, record=False)
+    refs = {name: run.get(f"{prefix}_x0") for name, run in runs.items()}
+    assert_float64_parity(f"{prefix}_x0", steps[-1], g.f64[f"{prefix}_x0"], refs, record=False)
