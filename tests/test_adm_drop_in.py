@@ -244,3 +244,31 @@ def test_an_adm_script_accelerated_and_compiled_is_one_graph_and_meets_the_float
             assert_float64_parity(f"{prefix} step {k}", x, g.f64[key][k], refs, record=False)
     refs = {name: run.get(f"{prefix}_x0") for name, run in runs.items()}
     assert_float64_parity(f"{prefix}_x0", steps[-1], g.f64[f"{prefix}_x0"], refs, record=False)
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm"])
+def test_cond_fn_in_adms_loop_with_rescaled_timesteps_matches_accelerate(method):
+    """T = 4000 and rescale_timesteps: ADM hands cond_fn t·1000/T; the policy (timestep-aware, which reads t)
+    must see original timesteps, as fastguide's own loop gives them."""
+    from guided_diffusion import gaussian_diffusion as gd
+    from guided_diffusion.respace import SpacedDiffusion, space_timesteps
+
+    g = golden(FOLDERS[0].values[0])
+    adm = adm_here(g)
+    diffusion = SpacedDiffusion(use_timesteps=space_timesteps(4000, "8"), betas=gd.get_named_beta_schedule("linear", 4000),
+                                model_mean_type=gd.ModelMeanType.EPSILON, model_var_type=gd.ModelVarType.LEARNED_RANGE,
+                                loss_type=gd.LossType.MSE, rescale_timesteps=True)  # fmt: skip
+    policy = fg.TimestepAware(0.002)
+    ours = fg.adm.cond_fn(g.classifier, policy, diffusion, record=True)
+    net, shape, kw = adm.unets["cond"], tuple(g.x_T.shape), dict(noise=g.x_T, model_kwargs={"y": g.y})
+    fast = fg.adm.accelerate(diffusion)
+    results = []
+    for loop in (diffusion.ddim_sample_loop, fast.ddim_sample_loop) if method == "ddim" else (
+            diffusion.p_sample_loop, fast.p_sample_loop):  # fmt: skip
+        torch.manual_seed(3)
+        results.append(loop(net, shape, cond_fn=ours, **kw))
+    seen = [int(r.t[0]) for r in ours.records[: diffusion.num_timesteps]]
+    assert seen == sorted(diffusion.timestep_map, reverse=True)  # original timesteps, up to 3999
+    assert max(seen) > 1000
+    diff = (results[0] - results[1]).abs().max() / results[0].abs().max()
+    assert diff < 1e-4, f"ADM's loop with fastguide's cond_fn and fastguide's loop differ by {diff:.2g}"
