@@ -121,7 +121,7 @@ def _sample_plan(args) -> dict:
             raise ValueError(f"seed {s} is not in [0, 2**63)")
     strength = args.scale if args.scale is not None or args.policy != "eds" else DEFAULT_GAMMA
     policy = build_policy(args.policy, strength, args.threshold, args.t_max)
-    flags.schedule(args.respacing or DEFAULT_RESPACING[args.method])
+    flags.schedule(DEFAULT_RESPACING[args.method] if args.respacing is None else args.respacing)
     return dict(labels=labels, seeds=seeds, policy=policy, classes=classes, num_classes=num_classes)
 
 

@@ -133,7 +133,7 @@ def make_sampler(nets: Networks, policy: GuidancePolicy, method: str = "ddim", r
                  eta: float = 0.0, compile: bool | None = None, precision: str = "auto") -> GuidedSampler:  # fmt: skip
     """A sampler of ``nets`` (see :class:`SamplerConfig` for ``compile`` and ``precision``; None / "auto":
     the fast path on CUDA, eager float32 on the CPU)."""
-    respacing = DEFAULT_RESPACING[method] if respacing in (None, "") and method in DEFAULT_RESPACING else respacing
+    respacing = DEFAULT_RESPACING[method] if respacing is None and method in DEFAULT_RESPACING else respacing
     schedule: Schedule = nets.flags.schedule(respacing)
     config = SamplerConfig(method=method, eta=eta, compile=compile, precision=precision)
     return GuidedSampler(nets.model, None if isinstance(policy, NoGuidance) else nets.classifier, schedule, policy,

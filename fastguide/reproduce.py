@@ -209,7 +209,8 @@ def run(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
     defaults = QUICK_RESPACING if args.quick else RESPACING
-    respacing = {"ddim": args.ddim_respacing or defaults["ddim"], "ddpm": args.ddpm_respacing or defaults["ddpm"]}
+    given = {"ddim": args.ddim_respacing, "ddpm": args.ddpm_respacing}  # "" is ADM's: every step
+    respacing = {m: defaults[m] if given[m] is None else given[m] for m in given}
     steps = {m: Schedule.create("linear", 1000, respacing[m]).num_steps for m in samplers}  # checks respacing
     names = {method: f"{method}-{steps[method]}" for method in samplers}
     device = resolve_device(args.device)

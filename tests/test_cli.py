@@ -383,3 +383,13 @@ def test_bad_precision_is_an_argparse_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["sample", "--out", str(tmp_path / "o"), "--precision", "fp8"])
     assert exc.value.code == 2 and "argument --precision/--dtype: invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_an_empty_respacing_is_every_step_as_in_adm():
+    from fastguide.generate import load_networks, make_sampler
+
+    nets = load_networks("cond", "ect")
+    from fastguide import Constant
+
+    assert make_sampler(nets, Constant(1.0), "ddim", "").schedule.num_steps == 1000
+    assert make_sampler(nets, Constant(1.0), "ddim", None).schedule.num_steps == 25
