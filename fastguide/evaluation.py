@@ -28,6 +28,7 @@ from . import metrics
 from .files import require_file
 
 BATCH = 250
+IS_SPLIT_SIZE = 5000  # Inception Score averaged over chunks of 5000 samples, as ADM's evaluator
 SPATIAL_CHANNELS = 7  # channels of the spatial map kept for sFID (ADM: 7 of mixed_6/conv)
 SPATIAL_GRID = 4  # the map is average-pooled to 4×4: 112 dimensions, so that 500 reference images estimate
 #                   its covariance (at 16×16 it would have 1792 dimensions, more than any MNIST sample set)
@@ -348,7 +349,7 @@ class Evaluator:
                                             metrics.feature_stats(spatial))  # fmt: skip
         return Scores(
             fid=fid,
-            inception_score=metrics.inception_score(probs),
+            inception_score=metrics.inception_score(probs, split_size=IS_SPLIT_SIZE),
             precision=None if pr is None else pr.precision,
             recall=None if pr is None else pr.recall,
             class_accuracy=accuracy,

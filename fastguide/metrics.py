@@ -90,15 +90,19 @@ def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
     return frechet_distance(feature_stats(features_a), feature_stats(features_b))
 
 
-def inception_score(probs: np.ndarray, splits: int = 1) -> float:
-    """exp E_x KL(p(y|x) ‖ p(y)) from (N, K) class probabilities, averaged over ``splits`` chunks."""
+def inception_score(probs: np.ndarray, splits: int = 1, split_size: int | None = None) -> float:
+    """exp E_x KL(p(y|x) ‖ p(y)) from (N, K) class probabilities, averaged over ``splits`` equal chunks, or
+    over consecutive chunks of ``split_size`` rows (the last one shorter), as ADM's evaluator (5000)."""
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] < splits or splits < 1:
         raise ValueError(f"need (N, K) probabilities with N >= splits >= 1, got shape {p.shape} and {splits} splits")
+    if split_size is not None and split_size < 1:
+        raise ValueError(f"split_size must be positive, got {split_size}")
     if not np.isfinite(p).all() or (p < 0).any() or not np.allclose(p.sum(axis=1), 1, atol=1e-4):
         raise ValueError("probs must be finite, non-negative rows that sum to 1")
+    parts = np.array_split(p, splits) if split_size is None else [p[i : i + split_size] for i in range(0, len(p), split_size)]
     scores = []
-    for part in np.array_split(p, splits):
+    for part in parts:
         marginal = part.mean(axis=0, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
             kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0).sum(axis=1)

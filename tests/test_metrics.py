@@ -75,3 +75,15 @@ def test_precision_recall_detects_mode_collapse():
 def test_class_accuracy():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     assert metrics.class_accuracy(probs, np.array([0, 1, 1])) == pytest.approx(2 / 3)
+
+
+def test_inception_score_over_chunks_of_a_split_size_as_adms_evaluator():
+    from fastguide.metrics import inception_score
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(10) * 0.3, size=12)
+    want = np.mean([inception_score(probs[:5]), inception_score(probs[5:10]), inception_score(probs[10:])])
+    assert inception_score(probs, split_size=5) == pytest.approx(want, rel=1e-12)
+    assert inception_score(probs, split_size=100) == inception_score(probs)
+    with pytest.raises(ValueError, match="split_size must be positive"):
+        inception_score(probs, split_size=0)
