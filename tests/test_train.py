@@ -598,3 +598,22 @@ def test_rewriting_the_same_step_replaces_it(tmp_path):
 def test_adm_fp16_weight_flags_are_rejected_for_training(tmp_path, small_sets):
     with pytest.raises(ValueError, match="--precision fp16"):
         run_clf(tmp_path, small_sets, model=dataclasses.replace(TINY_CLF, classifier_use_fp16=True))
+
+
+def test_ema_warmup_forgets_the_random_initial_weights(tmp_path, small_sets):
+    """With ema_rate 0.9999 and no warm-up (ADM's EMA), 4 steps leave the EMA at the random initial weights;
+    with the warm-up its decay is min(0.9999, (1 + k) / (10 + k)), and it follows the trained weights."""
+    train, val = (_Sized(s) for s in small_sets)
+    cfg = DiffusionTrainConfig(
+        out_dir=str(tmp_path / "plain"), model=TINY_UNET, batch_size=8, iterations=4, log_interval=1,
+        save_interval=4, eval_interval=0, progress=False, ema_rate=0.9999, lr=1e-2,
+    )  # fmt: skip
+    plain = train_diffusion(cfg, train_set=train)
+    warm = train_diffusion(dataclasses.replace(cfg, out_dir=str(tmp_path / "warm"), ema_warmup=True), train_set=train)
+    assert_same_weights(weights(plain), weights(warm))  # the warm-up changes the EMA only
+
+    def distance(a, b):
+        return sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in a if a[k].is_floating_point()) ** 0.5
+
+    final = plain.model.state_dict()
+    assert distance(warm.ema, final) < 0.5 * distance(plain.ema, final)

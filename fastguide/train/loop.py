@@ -114,6 +114,7 @@ class Task(NamedTuple):
     metric_names: tuple[str, ...]  # names of LossTerms.metrics, for the log
     evaluate: Callable[[nn.Module, Dataset, torch.device], list[dict]] | None  # held-out metrics rows
     ema_rate: float | None = None  # keep an EMA of the weights
+    ema_warmup: bool = False  # decay min(ema_rate, (1 + k) / (10 + k)) at update k (ADM has none)
 
 
 class TrainResult(NamedTuple):
@@ -411,6 +412,8 @@ class Trainer:
     @torch.no_grad()
     def _update_ema(self) -> None:
         rate = self.task.ema_rate
+        if self.task.ema_warmup:  # early updates forget the random initial weights quickly
+            rate = min(rate, (1 + self.step) / (10 + self.step))
         for k, v in self.model.state_dict().items():
             if v.is_floating_point():
                 self.ema[k].mul_(rate).add_(v.detach(), alpha=1 - rate)

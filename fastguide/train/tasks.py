@@ -52,6 +52,7 @@ class DiffusionTrainConfig(TrainConfig):
 
     lr: float = 1e-4  # AdamW learning rate
     ema_rate: float = 0.9999  # EMA decay of the weights
+    ema_warmup: bool = False  # decay min(ema_rate, (1+k)/(10+k)) at update k: no random-init residue (ADM: off)
     lambda_vlb: float = 0.001  # λ of L_hybrid = L_simple + λ L_vlb (learned sigma only)
     model: ModelFlags = DEFAULT_UNET  # architecture, as ADM's model flags
 
@@ -290,5 +291,6 @@ def _train(config, kind: str, model, train_set, val_set) -> TrainResult:
             ("mse", "vb"),
             diffusion_evaluation(schedule, config.eval_buckets, config.seed, flags.learn_sigma, flags.class_cond),
             ema_rate=config.ema_rate,
+            ema_warmup=config.ema_warmup,
         )
     return Trainer(config, task, model, train_set, val_set, dist, run_config).run()
