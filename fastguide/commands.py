@@ -264,6 +264,11 @@ def add_evaluate_command(sub) -> None:
     p.add_argument("--ref", default=None,
                    help="reference .npz instead of the held-out MNIST 5k split: arr_0 images and/or ADM's precomputed "
                    "mu, sigma, mu_s, sigma_s (ADM's reference batches)")  # fmt: skip
+    from .evaluation import DEFAULT_EVAL_NET, EVAL_NETS
+
+    p.add_argument("--eval_net", default=DEFAULT_EVAL_NET, choices=sorted(EVAL_NETS),
+                   help="the evaluation network: class-accuracy judge, and the feature space without --inception "
+                   f"(default: {DEFAULT_EVAL_NET}; eval-unet: the earlier one, of the guidance classifiers' family)")  # fmt: skip
     p.add_argument("--sfid", action=argparse.BooleanOptionalAction, default=True,
                    help="also compute sFID (spatial features; default: on)")  # fmt: skip
     p.add_argument("--inception", default=None,
@@ -287,7 +292,7 @@ def run_evaluate(args) -> None:
         if Path(args.json).is_dir():
             raise ValueError(f"--json {args.json!r} is a folder; give a file name")
         check_output_folder(Path(args.json).parent)
-    evaluator = Evaluator(ref, args.inception, device, spatial=args.sfid)
+    evaluator = Evaluator(ref, args.inception, device, spatial=args.sfid, eval_net=args.eval_net)
     evaluator.check(images, labels)
     scores = evaluator(images, labels)
     for key, value in scores.as_dict().items():

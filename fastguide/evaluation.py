@@ -28,6 +28,8 @@ from . import metrics
 from .files import require_file
 
 BATCH = 250
+BORDER = 4  # pixels of the frame whose brightness says "background" (MNIST 5k's 32×32 digits: 6 blank pixels)
+BACKGROUND_THRESHOLD = 0.1  # a frame brighter than this share of full scale is not black
 IS_SPLIT_SIZE = 5000  # Inception Score averaged over chunks of 5000 samples, as ADM's evaluator
 SPATIAL_CHANNELS = 7  # channels of the spatial map kept for sFID (ADM: 7 of mixed_6/conv)
 SPATIAL_GRID = 4  # the map is average-pooled to 4×4: 112 dimensions, so that 500 reference images estimate
@@ -150,6 +152,55 @@ class EvalNetFeatures:
         return np.concatenate([self._spatial.cpu().double().numpy() for _ in self._run(images)])
 
 
+class ResNetFeatures:
+    """Features, class probabilities and spatial features from the embedded evaluation ResNet
+    (:mod:`fastguide.evalnet`, ``fastguide/weights/eval_resnet``): pooled last stage (128-D), softmax, and
+    for sFID the first 7 channels of its half-resolution stage pooled to 4×4 (112-D)."""
+
+    name = "resnet"
+
+    def __init__(self, net: torch.nn.Module | None = None, device: str | torch.device | None = None):
+        from .pretrained import load_embedded
+
+        self.device = _device(device)
+        self.net = (load_embedded("eval_resnet") if net is None else net).to(self.device).eval()
+        self.shape = (self.net.in_channels, self.net.image_size, self.net.image_size)
+
+    num_classes = EvalNetFeatures.num_classes
+    accepts = EvalNetFeatures.accepts
+    check = EvalNetFeatures.check
+
+    @torch.no_grad()
+    def _run(self, images: np.ndarray):
+        for i in range(0, len(images), BATCH):
+            x = torch.from_numpy(images[i : i + BATCH]).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            pooled, half = self.net.trunk(x)
+            yield pooled, half, self.net.head(pooled)
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(features (N, 128), probabilities (N, K)) of uint8 NHWC images."""
+        out = [(f.double().cpu().numpy(), torch.softmax(z.double(), 1).cpu().numpy()) for f, _, z in self._run(images)]
+        return np.concatenate([f for f, _ in out]), np.concatenate([p for _, p in out])
+
+    def spatial(self, images: np.ndarray) -> np.ndarray:
+        """sFID's spatial features (N, 7·4·4), as :meth:`EvalNetFeatures.spatial` defines them."""
+        pooled = [torch.nn.functional.adaptive_avg_pool2d(half[:, :SPATIAL_CHANNELS].float(), SPATIAL_GRID).flatten(1)
+                  for _, half, _ in self._run(images)]  # fmt: skip
+        return torch.cat(pooled).double().cpu().numpy()
+
+
+# the evaluation networks by name: the judge of class accuracy and the default feature space
+EVAL_NETS = {"resnet": ResNetFeatures, "eval-unet": EvalNetFeatures}
+DEFAULT_EVAL_NET = "resnet"
+
+
+def eval_network(name: str = DEFAULT_EVAL_NET, device: str | torch.device | None = None):
+    """The evaluation network called ``name`` (a key of :data:`EVAL_NETS`)."""
+    if name not in EVAL_NETS:
+        raise ValueError(f"unknown evaluation network {name!r}; expected one of {sorted(EVAL_NETS)}")
+    return EVAL_NETS[name](device=device)
+
+
 class InceptionFeatures:
     """Pool features and softmax of a TorchScript Inception-v3 (StyleGAN2-ADA/EDM metrics format)."""
 
@@ -187,6 +238,20 @@ class InceptionFeatures:
         return np.concatenate(feats), np.concatenate(probs)
 
 
+def nonblack_background(images: np.ndarray) -> float:
+    """Share of uint8 NHWC images whose outer frame (:data:`BORDER` pixels) has a mean above
+    :data:`BACKGROUND_THRESHOLD` of full scale: a grey or blotchy background where the data's is black."""
+    frame = np.ones(images.shape[1:3], dtype=bool)
+    frame[BORDER:-BORDER, BORDER:-BORDER] = False
+    means = images[:, frame].reshape(len(images), -1).mean(axis=1) / 255.0
+    return float((means > BACKGROUND_THRESHOLD).mean())
+
+
+def mean_intensity(images: np.ndarray) -> float:
+    """Mean pixel value of uint8 images, as a share of full scale."""
+    return float(images.mean() / 255.0)
+
+
 @dataclass(frozen=True)
 class Scores:
     """Sample metrics; ``class_accuracy`` is None for samples without labels."""
@@ -200,6 +265,9 @@ class Scores:
     num_reference: int
     feature_space: str
     sfid: float | None = None  # spatial FID; None where not asked for or not available (Evaluator.unavailable)
+    nonblack_background: float | None = None  # share of samples with a grey frame (nonblack_background())
+    mean_intensity: float | None = None  # the samples' mean pixel value, share of full scale
+    reference_mean_intensity: float | None = None  # the reference images' (None: statistics only)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -263,13 +331,17 @@ class Evaluator:
             embedded evaluation network's feature space).
         device: "auto", "cpu", "cuda", ...
         spatial: also compute sFID (spatial features; see :meth:`EvalNetFeatures.spatial`).
+        eval_net: the evaluation network (:data:`EVAL_NETS`): the judge of class accuracy, and the feature
+            space unless ``inception`` is given. Default: the ResNet (``resnet``); ``eval-unet`` is the
+            earlier one, of the guidance classifiers' architecture.
 
     ``unavailable`` names each score that cannot be computed for this reference and feature space, and why.
     """
 
     def __init__(self, reference: np.ndarray | Reference | None = None, inception: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None, spatial: bool = False):  # fmt: skip
-        self.classifier = EvalNetFeatures(device=device)
+                 device: str | torch.device | None = None, spatial: bool = False,
+                 eval_net: str = DEFAULT_EVAL_NET):  # fmt: skip
+        self.classifier = eval_network(eval_net, device)
         self.features = self.classifier if inception is None else InceptionFeatures(inception, device)
         ref = reference_images() if reference is None else reference
         self.reference = ref if isinstance(ref, Reference) else Reference(ref)
@@ -357,6 +429,9 @@ class Evaluator:
             num_reference=self.num_reference,
             feature_space=self.features.name,
             sfid=sfid,
+            nonblack_background=nonblack_background(images),
+            mean_intensity=mean_intensity(images),
+            reference_mean_intensity=None if self.reference.images is None else mean_intensity(self.reference.images),
         )
 
     def adm_summary(self, scores: Scores) -> list[str]:

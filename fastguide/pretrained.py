@@ -25,7 +25,7 @@ from .adm.configs import ClassifierFlags, ModelFlags
 
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-EMBEDDED = ("uadm", "cadm", "classifier_ce", "classifier_ect", "eval")
+EMBEDDED = ("uadm", "cadm", "classifier_ce", "classifier_ect", "eval", "eval_resnet")
 
 
 def embedded_dir(name: str) -> Path:
@@ -40,7 +40,13 @@ def embedded_dir(name: str) -> Path:
 
 def load_embedded(name: str) -> nn.Module:
     """The embedded model ``name`` with its weights, in eval mode (see :data:`EMBEDDED`)."""
-    return load_run(embedded_dir(name))
+    path = embedded_dir(name)
+    config = json.loads((path / "config.json").read_text())
+    if config.get("architecture") == "ResNetJudge":  # the evaluation network (scripts/train_eval_net.py)
+        from .evalnet import ResNetJudge
+
+        return load_checkpoint(ResNetJudge(**config["model"]), path / "model.safetensors").eval()
+    return load_run(path)
 
 
 def run_flags(path: str | os.PathLike) -> ClassifierFlags | ModelFlags:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .files import atomic_write
+from .evaluation import DEFAULT_EVAL_NET, EVAL_NETS
 from .generate import DEFAULT_RESPACING, add_fast_path_arguments
 
 MODELS = ("uncond", "cond")
@@ -52,7 +53,9 @@ QUICK_SWEEPS = {policy: values[1:2] for policy, values in SWEEPS.items()}  # the
 GRADIENT_NORM_THRESHOLD = 0.05
 METRICS = ("fid", "inception_score", "precision", "recall", "class_accuracy")
 KEY_COLUMNS = ("model", "classifier", "sampler", "policy", "strength")  # the fields of Run.key, in its order
-COLUMNS = KEY_COLUMNS + METRICS + ("num_samples", "seconds")
+IMAGE_STATS = ("nonblack_background", "mean_intensity")  # in results.csv, not in the table
+COLUMNS = KEY_COLUMNS + METRICS + ("num_samples", "seconds", "eval_net") + IMAGE_STATS
+EARLIER_EVAL_NET = "eval-unet"  # what scored the rows of a results.csv without an eval_net column
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", action="store_true",
                    help="run nothing: rewrite results.md and the plots from OUT/results.csv (lists missing runs)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--eval_net", default=DEFAULT_EVAL_NET, choices=sorted(EVAL_NETS),
+                   help=f"the evaluation network that scores the runs (default: {DEFAULT_EVAL_NET})")  # fmt: skip
     add_fast_path_arguments(p)
 
 
@@ -121,7 +126,10 @@ def _read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["eval_net"] = row.get("eval_net") or EARLIER_EVAL_NET
+    return rows
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -225,12 +233,16 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"{'--report' if args.report else '--resume'}: {out / 'results.csv'} holds runs of "
                          f"{other[0]} samples, not {n}; "
                          "use another --out or the same --num_samples")  # fmt: skip
+    nets = sorted({r["eval_net"] for r in rows} - {args.eval_net})
+    if nets and not args.report:
+        raise ValueError(f"--resume: {out / 'results.csv'} holds runs scored by the {nets[0]} evaluation network, not "
+                         f"{args.eval_net}; use another --out or --eval_net {nets[0]}")  # fmt: skip
     done = {row_key(r) for r in rows}
     todo = [r for r in runs if r.key not in done]
     print(f"reproduce: {len(runs)} runs ({len(runs) - len(todo)} already done), {n} samples each, "
           f"{' and '.join(names.values())}, on {device}" + (", report only" if args.report else ""), flush=True)  # fmt: skip
     missing, todo = (todo, []) if args.report else ([], todo)
-    evaluator = Evaluator(device=device) if todo else None
+    evaluator = Evaluator(device=device, eval_net=args.eval_net) if todo else None
     labels, seeds = [i % 10 for i in range(n)], list(range(n))
     out.mkdir(parents=True, exist_ok=True)
     command = "fastguide reproduce " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["reproduce"] else "fastguide reproduce"
@@ -257,9 +269,10 @@ def run(args: argparse.Namespace) -> None:
             scores = evaluator(gen.images, gen.labels).as_dict()
         except (FloatingPointError, ValueError) as err:  # a diverging setting is a result, not a crash
             print(f"{desc}: failed, recorded without metrics ({' '.join(str(err).split())})", flush=True)
-            scores = {m: "" for m in METRICS}
-        row = dict(zip(KEY_COLUMNS, r.key), num_samples=n, seconds=f"{time.perf_counter() - start:.1f}")
-        row.update({m: (f"{scores[m]:.6g}" if scores[m] != "" else "") for m in METRICS})
+            scores = {m: "" for m in METRICS + IMAGE_STATS}
+        row = dict(zip(KEY_COLUMNS, r.key), num_samples=n, seconds=f"{time.perf_counter() - start:.1f}",
+                   eval_net=args.eval_net)  # fmt: skip
+        row.update({m: (f"{scores[m]:.6g}" if scores[m] != "" else "") for m in METRICS + IMAGE_STATS})
         rows.append(row)
         _write_csv(out / "results.csv", rows)
         print(f"{desc}: " + ", ".join(f"{m} {row[m]}" for m in METRICS) + f" ({row['seconds']} s)", flush=True)

@@ -110,7 +110,7 @@ def test_precomputed_reference_statistics_give_the_same_scores(tmp_path, spatial
     assert only.adm_summary(got)[-2:] == ["Precision: n/a (the reference has no images)",
                                           "Recall: n/a (the reference has no images)"]  # fmt: skip
     wrong = Reference(None, metrics.GaussianStats(np.zeros(2048), np.eye(2048)))
-    with pytest.raises(ValueError, match="precomputed mu/sigma have 2048 dimensions, the eval-net features 64"):
+    with pytest.raises(ValueError, match="precomputed mu/sigma have 2048 dimensions, the resnet features 128"):
         Evaluator(wrong)(images, labels)
     np.savez(tmp_path / "half.npz", mu=pool.mu)
     with pytest.raises(ValueError, match="has mu without sigma"):

@@ -54,6 +54,19 @@ def test_tiny_reproduce_writes_csv_table_and_plots_and_resumes(tmp_path, capsys)
     assert len(list(csv.DictReader(open(out / "results.csv")))) == 12
     assert main(["reproduce", "--out", str(out), *TINY, "--resume", "--num_samples", "15"]) == 2
     assert "holds runs of 12 samples, not 15" in capsys.readouterr().err
+    # every row names the network that scored it; a resume does not mix networks
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["eval_net"] for r in rows} == {"resnet"}
+    assert all(0 <= float(r["nonblack_background"]) <= 1 and 0 < float(r["mean_intensity"]) < 1 for r in rows)
+    assert main(["reproduce", "--out", str(out), *TINY, "--resume", "--eval_net", "eval-unet"]) == 2
+    assert "holds runs scored by the resnet evaluation network, not eval-unet" in capsys.readouterr().err
+
+
+def test_rows_of_an_earlier_csv_without_an_eval_net_are_the_earlier_networks(tmp_path):
+    from fastguide.reproduce import _read_rows
+
+    (tmp_path / "results.csv").write_text("model,classifier,sampler,policy,strength,fid\ncond,-,ddim-25,none,0,0.1\n")
+    assert _read_rows(tmp_path / "results.csv")[0]["eval_net"] == "eval-unet"
 
 
 def test_policies_subset_then_report_lists_the_missing_runs(tmp_path, capsys):

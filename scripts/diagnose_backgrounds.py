@@ -1,0 +1,58 @@
+"""Where the grey backgrounds of the embedded UNets' samples come from (issue 14).
+
+For a UNet (embedded name or run folder), unguided, 200 samples (labels i mod 10, seeds i): the share of
+samples whose 4-pixel frame is not black (fastguide.evaluation.nonblack_background) for DDIM-25 with eta 0
+and 1, DDIM-100 and DDPM-250; the correlation of the frame's brightness with the mean of x_T; and DDIM-25
+from the same x_T with its mean removed.
+
+    OMP_NUM_THREADS=2 python scripts/diagnose_backgrounds.py --model cond
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import numpy as np
+import torch
+
+import fastguide as fg
+from fastguide.evaluation import BORDER, nonblack_background
+from fastguide.generate import MODELS, load_networks, make_sampler, run_dir
+from fastguide.noise import PerSampleNoise
+from fastguide.pretrained import load_run
+
+
+def frame_brightness(images: torch.Tensor) -> np.ndarray:
+    u = fg.to_uint8(images).numpy()
+    frame = np.ones(u.shape[1:3], dtype=bool)
+    frame[BORDER:-BORDER, BORDER:-BORDER] = False
+    return u[:, frame].reshape(len(u), -1).mean(axis=1) / 255.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="cond", help="cond | uncond (embedded) or a training run folder")
+    p.add_argument("--weights", default="auto", help="auto | ema | model (run folders)")
+    p.add_argument("-n", type=int, default=200)
+    args = p.parse_args()
+    nets = load_networks(args.model, None)
+    if args.model not in MODELS and args.weights != "auto":
+        nets = dataclasses.replace(nets, model=load_run(run_dir(args.model, MODELS, "--model"), args.weights))
+    labels, seeds = [i % 10 for i in range(args.n)], list(range(args.n))
+    flags = nets.flags
+    x_T = PerSampleNoise(seeds, (flags.in_channels, flags.image_size, flags.image_size)).initial()
+    for method, respacing, eta in (("ddim", "ddim25", 0.0), ("ddim", "ddim25", 1.0), ("ddim", "ddim100", 0.0),
+                                   ("ddpm", "250", 0.0)):  # fmt: skip
+        images = make_sampler(nets, fg.NoGuidance(), method, respacing, eta=eta).sample(labels, seeds=seeds).images
+        b = frame_brightness(images)
+        share = nonblack_background(fg.to_uint8(images).numpy())
+        corr = np.corrcoef(x_T.mean(dim=(1, 2, 3)).numpy(), b)[0, 1]
+        print(f"{method} {respacing} eta {eta:g}: non-black {share:.3f}, corr(mean of x_T, frame) {corr:+.2f}", flush=True)
+    sampler = make_sampler(nets, fg.NoGuidance(), "ddim", "ddim25")
+    centred = sampler.sample(labels, noise=fg.FixedNoise(x_T - x_T.mean(dim=(1, 2, 3), keepdim=True))).images
+    print(f"ddim ddim25, x_T with its mean removed: non-black {nonblack_background(fg.to_uint8(centred).numpy()):.3f}")
+
+
+if __name__ == "__main__":
+    main()
