@@ -74,7 +74,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
     atomic_write(out / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
-    config = {"architecture": "ResNetJudge", "model": net.config(), "recipe": vars(args), "steps": step,
+    config = {"architecture": "ResNetJudge", "data": "mnist5k", "model": net.config(), "recipe": vars(args), "steps": step,
               "train_seconds": round(seconds, 1), "heldout_accuracy": clean, "heldout_accuracy_augmented": augmented}  # fmt: skip
     atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=1) + "\n"))
     print(json.dumps(config), flush=True)

@@ -97,8 +97,14 @@ def test_every_embedded_model_ships_with_config_weights_and_card_within_25_mb():
         folder = embedded_dir(name)
         assert sorted(p.name for p in folder.iterdir()) == ["MODEL_CARD.md", "config.json", "model.safetensors"]
         card = (folder / "MODEL_CARD.md").read_text()
-        assert "fastguide train-" in card and "steps:" in card and "training time:" in card
+        made_by = "scripts/train_eval_net.py" if name == "eval_resnet" else "fastguide train-"
+        assert made_by in card and "steps:" in card and "training time:" in card
         total += sum(p.stat().st_size for p in folder.iterdir())
+        if name == "eval_resnet":  # a ResNet, not an ADM network: no ADM flags
+            config = json.loads((folder / "config.json").read_text())
+            assert config["architecture"] == "ResNetJudge" and config["model"]["num_classes"] == 10
+            assert config["heldout_accuracy"] >= 0.97
+            continue
         flags = run_flags(folder)
         if name in ("uadm", "cadm"):
             assert isinstance(flags, ModelFlags) and flags.learn_sigma and flags.class_cond == (name == "cadm")
