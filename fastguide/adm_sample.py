@@ -14,12 +14,9 @@ restarted job skips the shards that exist; rank 0 merges them into the ``.npz`` 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -121,33 +118,24 @@ def _shard(folder: Path, b: int) -> Path:
     return folder / f"batch_{b:06d}.npz"
 
 
-def _done(folder: Path, b: int, size: int) -> bool:
-    """Whether batch b's shard is there and whole (a shard is renamed into place only when written)."""
+def _read_shard(folder: Path, b: int, size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Batch b's (images, labels) if its shard is there and whole (a shard is renamed into place only when
+    written), else None."""
     try:
         with np.load(_shard(folder, b)) as f:
-            return f["arr_0"].shape[0] == size and f["arr_1"].shape == (size,)
+            images, labels = f["arr_0"], f["arr_1"]
     except (OSError, ValueError, KeyError):
-        return False
-
-
-def _maybe_kill(written: int, rank: int) -> None:
-    spec = os.environ.get(KILL_AFTER_BATCHES)
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    after, who = (int(v) for v in spec.split(":"))
-    if written == after and rank == who:
-        os.kill(os.getpid(), signal.SIGKILL)
+        return None
+    return (images, labels) if images.shape[0] == size and labels.shape == (size,) else None
 
 
 def run_adm_sample(args) -> None:
-    import torch
-
     from .adm.checkpoint import load_checkpoint
     from .files import check_output_folder
     from .generate import save_npz
     from .images import to_uint8
     from .sampler import GuidedSampler, SamplerConfig
-    from .train.distributed import init_distributed
+    from .train.distributed import init_distributed, kill_if_asked
 
     plan, flags, policy = plan_of(args)
     config = SamplerConfig(method="ddim" if flags.sample.use_ddim else "ddpm", clip_denoised=flags.sample.clip_denoised,
@@ -185,14 +173,14 @@ def run_adm_sample(args) -> None:
         mine = [(b, batch) for b, batch in enumerate(plan.batches) if b % dist.world_size == dist.rank]
         written = 0
         for b, batch in mine:
-            if _done(shards, b, len(batch)):
+            if _read_shard(shards, b, len(batch)) is not None:
                 continue
             result = sampler.sample([labels[i] for i in batch], seeds=[plan.seed + i for i in batch], device=dist.device)
             images = to_uint8(result.images).cpu().numpy()
             save_npz(_shard(shards, b), images, np.asarray([labels[i] for i in batch], dtype=np.int64))
             written += 1
             say(f"batch {b + 1}/{len(plan.batches)} written")
-            _maybe_kill(written, dist.rank)
+            kill_if_asked(KILL_AFTER_BATCHES, written, dist.rank)
         dist.barrier()
         if dist.is_main:
             path = _merge(out, shards, plan, save_npz)
@@ -234,11 +222,11 @@ def _merge(out: Path, shards: Path, plan: Plan, save_npz) -> Path:
     """Rank 0: every shard, in batch order, into ADM's .npz; then the shards go."""
     images, labels = [], []
     for b, batch in enumerate(plan.batches):
-        if not _done(shards, b, len(batch)):
+        shard = _read_shard(shards, b, len(batch))
+        if shard is None:
             raise ValueError(f"shard {_shard(shards, b)} is missing after every rank finished")
-        with np.load(_shard(shards, b)) as f:
-            images.append(f["arr_0"])
-            labels.append(f["arr_1"])
+        images.append(shard[0])
+        labels.append(shard[1])
     path = _final_path(out, plan)
     save_npz(path, np.concatenate(images), np.concatenate(labels))
     shutil.rmtree(shards, ignore_errors=True)

@@ -77,7 +77,39 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-class EvalNetFeatures:
+def spatial_features(feature_map: torch.Tensor) -> torch.Tensor:
+    """sFID's spatial features of a (B, C, H, W) map: its first :data:`SPATIAL_CHANNELS` channels,
+    average-pooled to a :data:`SPATIAL_GRID` square grid, flattened."""
+    return torch.nn.functional.adaptive_avg_pool2d(feature_map[:, :SPATIAL_CHANNELS].float(), SPATIAL_GRID).flatten(1)
+
+
+class _Judge:
+    """What the evaluation networks share: the image shape they take, their classes, and the images as
+    batches in [-1, 1] on their device. Subclasses set ``net``, ``device`` and ``shape`` (C, H, W)."""
+
+    @property
+    def num_classes(self) -> int:
+        return self.net.out_channels
+
+    def accepts(self, images: np.ndarray) -> bool:
+        c, h, w = self.shape
+        return images.shape[1:] == (h, w, c)
+
+    def check(self, images: np.ndarray, what: str) -> None:
+        if not self.accepts(images):
+            c, h, w = self.shape
+            raise ValueError(
+                f"{what} are {images.shape[1]}x{images.shape[2]} with {images.shape[3]} channel(s); the evaluation "
+                f"network takes {h}x{w} with {c}"
+            )
+
+    def _batches(self, images: np.ndarray):
+        """uint8 NHWC images as float (B, C, H, W) batches in [-1, 1] on the network's device."""
+        for i in range(0, len(images), BATCH):
+            yield torch.from_numpy(images[i : i + BATCH]).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+class EvalNetFeatures(_Judge):
     """Features and class probabilities from a clean-image classifier (default: the embedded ``eval``)."""
 
     name = "eval-net"
@@ -106,33 +138,15 @@ class EvalNetFeatures:
         return max(i for i, size in enumerate(sizes) if size == w // 2)
 
     def _keep_spatial(self, module, args, output):
-        kept = output[:, :SPATIAL_CHANNELS].float()
-        self._spatial = torch.nn.functional.adaptive_avg_pool2d(kept, SPATIAL_GRID).flatten(1)
+        self._spatial = spatial_features(output)
 
     def _keep_input(self, module, args):
         h = args[0]
         self._pooled = h.float().mean(dim=(2, 3)) if h.dim() == 4 else h.float()
 
-    @property
-    def num_classes(self) -> int:
-        return self.net.out_channels
-
-    def accepts(self, images: np.ndarray) -> bool:
-        c, h, w = self.shape
-        return images.shape[1:] == (h, w, c)
-
-    def check(self, images: np.ndarray, what: str) -> None:
-        if not self.accepts(images):
-            c, h, w = self.shape
-            raise ValueError(
-                f"{what} are {images.shape[1]}x{images.shape[2]} with {images.shape[3]} channel(s); the evaluation "
-                f"network takes {h}x{w} with {c}"
-            )
-
     @torch.no_grad()
     def _run(self, images: np.ndarray):
-        for i in range(0, len(images), BATCH):
-            x = torch.from_numpy(images[i : i + BATCH]).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        for x in self._batches(images):
             yield self.net(x, torch.zeros(len(x), dtype=torch.long, device=self.device))
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +166,7 @@ class EvalNetFeatures:
         return np.concatenate([self._spatial.cpu().double().numpy() for _ in self._run(images)])
 
 
-class ResNetFeatures:
+class ResNetFeatures(_Judge):
     """Features, class probabilities and spatial features from the embedded evaluation ResNet
     (:mod:`fastguide.evalnet`, ``fastguide/weights/eval_resnet``): pooled last stage (128-D), softmax, and
     for sFID the first 7 channels of its half-resolution stage pooled to 4×4 (112-D)."""
@@ -166,14 +180,9 @@ class ResNetFeatures:
         self.net = (load_embedded("eval_resnet") if net is None else net).to(self.device).eval()
         self.shape = (self.net.in_channels, self.net.image_size, self.net.image_size)
 
-    num_classes = EvalNetFeatures.num_classes
-    accepts = EvalNetFeatures.accepts
-    check = EvalNetFeatures.check
-
     @torch.no_grad()
     def _run(self, images: np.ndarray):
-        for i in range(0, len(images), BATCH):
-            x = torch.from_numpy(images[i : i + BATCH]).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        for x in self._batches(images):
             pooled, half = self.net.trunk(x)
             yield pooled, half, self.net.head(pooled)
 
@@ -184,9 +193,7 @@ class ResNetFeatures:
 
     def spatial(self, images: np.ndarray) -> np.ndarray:
         """sFID's spatial features (N, 7·4·4), as :meth:`EvalNetFeatures.spatial` defines them."""
-        pooled = [torch.nn.functional.adaptive_avg_pool2d(half[:, :SPATIAL_CHANNELS].float(), SPATIAL_GRID).flatten(1)
-                  for _, half, _ in self._run(images)]  # fmt: skip
-        return torch.cat(pooled).double().cpu().numpy()
+        return torch.cat([spatial_features(half) for _, half, _ in self._run(images)]).double().cpu().numpy()
 
 
 # the evaluation networks by name: the judge of class accuracy and the default feature space
@@ -351,6 +358,7 @@ class Evaluator:
             if len(images) <= metrics.PR_K:
                 raise ValueError(f"need more than {metrics.PR_K} reference images, got {len(images)}")
         self.num_reference = 0 if images is None else len(images)
+        self.reference_mean_intensity = None if images is None else mean_intensity(images)
         self.unavailable: dict[str, str] = {}
         if images is None:
             self.unavailable.update(precision="the reference has no images", recall="the reference has no images")
@@ -431,7 +439,7 @@ class Evaluator:
             sfid=sfid,
             nonblack_background=nonblack_background(images),
             mean_intensity=mean_intensity(images),
-            reference_mean_intensity=None if self.reference.images is None else mean_intensity(self.reference.images),
+            reference_mean_intensity=self.reference_mean_intensity,
         )
 
     def adm_summary(self, scores: Scores) -> list[str]:

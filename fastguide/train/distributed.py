@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from datetime import timedelta
 from dataclasses import dataclass
 
@@ -101,3 +102,14 @@ def _attempt_store(rank: int, world_size: int):
         timeout=timedelta(minutes=10),
     )
     return dist.PrefixStore(f"fastguide/attempt-{attempt}", store)
+
+
+def kill_if_asked(variable: str, count: int, rank: int) -> None:
+    """Fault injection for the restart tests: SIGKILL this process when the environment variable ``variable``
+    reads "COUNT:RANK" with this ``count`` and ``rank``, on torchrun's first attempt only."""
+    spec = os.environ.get(variable)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    at, who = (int(v) for v in spec.split(":"))
+    if count == at and rank == who:
+        os.kill(os.getpid(), signal.SIGKILL)

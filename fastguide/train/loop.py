@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import signal
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ..files import atomic_write
 from .data import random_flip
 from .checkpoint import load_latest_checkpoint, read_checkpoint, write_checkpoint
-from .distributed import DistState
+from .distributed import DistState, kill_if_asked
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 KILL_AT_STEP = "FASTGUIDE_KILL_AT_STEP"  # fault injection for tests: "STEP:RANK", first attempt only
@@ -188,16 +186,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _maybe_kill(step: int, dist: DistState) -> None:
-    """Fault injection for the resume tests: SIGKILL this rank at STEP on torchrun's first attempt."""
-    spec = os.environ.get(KILL_AT_STEP)
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    at, rank = (int(v) for v in spec.split(":"))
-    if step == at and dist.rank == rank:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 LOGS = ("train.jsonl", "eval.jsonl")  # the run's logs under out_dir, one JSON object per line
@@ -471,7 +459,7 @@ class Trainer:
         sums = torch.zeros(1 + len(self.task.metric_names), device=self.dist.device, dtype=torch.float64)
         images, tick = 0, time.perf_counter()
         while self.step < cfg.iterations:
-            _maybe_kill(self.step, self.dist)
+            kill_if_asked(KILL_AT_STEP, self.step, self.dist.rank)
             position, x0, y = next(batches)
             sums += self.train_step(x0, y)
             images += cfg.batch_size
