@@ -560,7 +560,7 @@ def test_mid_epoch_resume_with_dropout_is_bitwise(tmp_path, small_sets):
     )  # fmt: skip
     full = train_diffusion(cfg, train_set=_Sized(train))
 
-    def crash_at_step_5(step, dist):
+    def crash_at_step_5(variable, step, rank):
         if step == 5:
             raise KeyboardInterrupt  # the process dies after steps 4 and 5's work; the checkpoint is step 3
 
@@ -568,7 +568,7 @@ def test_mid_epoch_resume_with_dropout_is_bitwise(tmp_path, small_sets):
 
     interrupted = dataclasses.replace(cfg, out_dir=str(tmp_path / "p"))
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(loop, "_maybe_kill", crash_at_step_5)
+        m.setattr(loop, "kill_if_asked", crash_at_step_5)
         with pytest.raises(KeyboardInterrupt):
             train_diffusion(interrupted, train_set=_Sized(train))
     resumed = train_diffusion(interrupted, train_set=_Sized(train))
