@@ -167,7 +167,7 @@ def run_adm_sample(args) -> None:
             if flags.classifier.classifier_use_fp16:
                 classifier.convert_to_fp16()
             classifier = classifier.to(dist.device).eval()
-        unet = unet.to(dist.device).eval()
+        unet = m.eps_model(unet.to(dist.device).eval())
         sampler = GuidedSampler(unet, classifier, m.schedule(), policy, config)
         labels = labels_of(plan, m.num_classes if m.class_cond else flags.classifier.num_classes)
         mine = [(b, batch) for b, batch in enumerate(plan.batches) if b % dist.world_size == dist.rank]

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _train_command(
         sub, "train-diffusion", DiffusionTrainConfig,
-        "Train an eps-prediction diffusion UNet (L_simple, or L_hybrid with --learn_sigma). Runs under torchrun.",
+        "Train a diffusion UNet, eps- or x0-prediction (--predict_xstart), on L_simple, or L_hybrid with --learn_sigma. Runs under torchrun.",
     )  # fmt: skip
     return parser
 

@@ -10,11 +10,13 @@ float32), which is what makes the golden trajectories agree to float32 rounding.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
-from .schedule import StepCoefficients
+from .schedule import Schedule, StepCoefficients
 
 VARIANCES = ("learned_range", "learned", "fixed_small", "fixed_large")
 DDIM_GUIDANCE = ("adm", "paper")
@@ -35,6 +37,47 @@ def predict_xstart_from_eps(x_t: torch.Tensor, eps: torch.Tensor, c: StepCoeffic
 def predict_eps_from_xstart(x_t: torch.Tensor, xstart: torch.Tensor, c: StepCoefficients) -> torch.Tensor:
     """ε = (x_t / sqrt(ᾱ_t) − x̂_0) / sqrt(1/ᾱ_t − 1), the inverse of :func:`predict_xstart_from_eps`."""
     return (c.sqrt_recip_alpha_bar * x_t - xstart) / c.sqrt_recipm1_alpha_bar
+
+
+class XStartToEps(nn.Module):
+    """An x0-prediction network (ADM's ``--predict_xstart``, ``ModelMeanType.START_X``) seen as an eps-model.
+
+    Its first C output channels x̂_0 become ε = (x_t / sqrt(ᾱ_t) − x̂_0) / sqrt(1/ᾱ_t − 1), ADM's
+    ``_predict_eps_from_xstart`` (same operations, coefficients cast once from float64 to float32); the
+    variance channels pass through. Every sampler, fused update and ADM loop of fastguide takes ε, and
+    recovers x̂_0 = x_t / sqrt(ᾱ_t) − sqrt(1/ᾱ_t − 1) · ε from it: the round trip costs about one float32
+    rounding of x_t / sqrt(ᾱ_t), which the update multiplies by sqrt(ᾱ_{t-1}) again.
+
+    Args:
+        net: the x0-prediction network ``(x, t, **kw) -> (B, C or 2C, H, W)``.
+        schedule: the chain it was trained on (any respacing of it: the tables are read by the original
+            timestep ``t`` the network is given, un-rescaled when ``schedule.rescale_timesteps``).
+    """
+
+    def __init__(self, net: nn.Module, schedule: Schedule):
+        super().__init__()
+        self.net = net
+        # ᾱ by original timestep; timesteps outside the chain get NaN, which the samplers report as non-finite
+        alpha_bar = torch.full((schedule.num_original_timesteps,), math.nan, dtype=torch.float64)
+        alpha_bar[torch.tensor(schedule.timestep_map, dtype=torch.long)] = schedule.table("alpha_bar")
+        self.register_buffer("sqrt_recip", torch.sqrt(1.0 / alpha_bar).float(), persistent=False)
+        self.register_buffer("sqrt_recipm1", torch.sqrt(1.0 / alpha_bar - 1).float(), persistent=False)
+        self.rescale = schedule.num_original_timesteps / 1000.0 if schedule.rescale_timesteps else None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("net"), name)  # in_channels, image_size, num_classes, ...
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        out = self.net(x, t, **kwargs)
+        index = t.long() if self.rescale is None else (t * self.rescale).round().long()
+        c = x.shape[1]
+        a = self.sqrt_recip[index].reshape(-1, 1, 1, 1)
+        b = self.sqrt_recipm1[index].reshape(-1, 1, 1, 1)
+        eps = (a * x.float() - out[:, :c].float()) / b
+        return torch.cat([eps, out[:, c:].float()], dim=1)
 
 
 def posterior_mean(xstart: torch.Tensor, x_t: torch.Tensor, c: StepCoefficients) -> torch.Tensor:

@@ -70,7 +70,8 @@ def _flags(model: dict) -> ClassifierFlags | ModelFlags:
 
 
 def load_run(path: str | os.PathLike, weights: str = "auto") -> nn.Module:
-    """The network of the run folder ``path``, with its trained weights, in eval mode.
+    """The network of the run folder ``path``, with its trained weights, in eval mode; an x0-prediction UNet
+    (``predict_xstart``) comes as the eps-model the samplers take (:meth:`ModelFlags.eps_model`).
 
     Args:
         path: a run folder (``config.json`` and ``model.safetensors``, optionally ``ema.safetensors``).
@@ -85,4 +86,5 @@ def load_run(path: str | os.PathLike, weights: str = "auto") -> nn.Module:
         raise ValueError(f"weights must be 'auto', 'ema' or 'model', got {weights!r}")
     flags = run_flags(path)
     stem = "ema" if weights == "ema" or (weights == "auto" and (path / "ema.safetensors").is_file()) else "model"
-    return load_checkpoint(flags.build(), path / f"{stem}.safetensors").eval()
+    net = load_checkpoint(flags.build(), path / f"{stem}.safetensors").eval()
+    return flags.eps_model(net) if isinstance(flags, ModelFlags) else net

@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--model", default="cond", help="cond | uncond (embedded) or a training run folder")
     p.add_argument("--weights", default="auto", help="auto | ema | model (run folders)")
     p.add_argument("-n", type=int, default=200)
+    p.add_argument("--samplers", default="ddim25,ddim25-eta1,ddim100,ddpm250,centred",
+                   help="which of ddim25, ddim25-eta1, ddim100, ddpm250, centred to run (comma-separated)")
     args = p.parse_args()
     nets = load_networks(args.model, None)
     if args.model not in MODELS and args.weights != "auto":
@@ -42,13 +44,17 @@ def main() -> None:
     labels, seeds = [i % 10 for i in range(args.n)], list(range(args.n))
     flags = nets.flags
     x_T = PerSampleNoise(seeds, (flags.in_channels, flags.image_size, flags.image_size)).initial()
-    for method, respacing, eta in (("ddim", "ddim25", 0.0), ("ddim", "ddim25", 1.0), ("ddim", "ddim100", 0.0),
-                                   ("ddpm", "250", 0.0)):  # fmt: skip
+    chosen = set(args.samplers.split(","))
+    runs = {"ddim25": ("ddim", "ddim25", 0.0), "ddim25-eta1": ("ddim", "ddim25", 1.0),
+            "ddim100": ("ddim", "ddim100", 0.0), "ddpm250": ("ddpm", "250", 0.0)}  # fmt: skip
+    for method, respacing, eta in (run for name, run in runs.items() if name in chosen):
         images = make_sampler(nets, fg.NoGuidance(), method, respacing, eta=eta).sample(labels, seeds=seeds).images
         b = frame_brightness(images)
         share = nonblack_background(fg.to_uint8(images).numpy())
         corr = np.corrcoef(x_T.mean(dim=(1, 2, 3)).numpy(), b)[0, 1]
         print(f"{method} {respacing} eta {eta:g}: non-black {share:.3f}, corr(mean of x_T, frame) {corr:+.2f}", flush=True)
+    if "centred" not in chosen:
+        return
     sampler = make_sampler(nets, fg.NoGuidance(), "ddim", "ddim25")
     centred = sampler.sample(labels, noise=fg.FixedNoise(x_T - x_T.mean(dim=(1, 2, 3), keepdim=True))).images
     print(f"ddim ddim25, x_T with its mean removed: non-black {nonblack_background(fg.to_uint8(centred).numpy()):.3f}")

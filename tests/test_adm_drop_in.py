@@ -144,8 +144,11 @@ def test_accelerate_reads_the_diffusion_object_and_passes_the_rest_through():
     assert fg.adm.accelerate(plain).variance == "fixed_small"
     x0 = gd.GaussianDiffusion(betas=betas, model_mean_type=gd.ModelMeanType.START_X,
                               model_var_type=gd.ModelVarType.FIXED_SMALL, loss_type=gd.LossType.MSE)  # fmt: skip
-    with pytest.raises(ValueError, match="START_X: fastguide samples eps-prediction models"):
-        fg.adm.accelerate(x0)
+    assert fg.adm.accelerate(x0).predict_xstart  # sampled through XStartToEps (tests/test_xstart.py)
+    prev = gd.GaussianDiffusion(betas=betas, model_mean_type=gd.ModelMeanType.PREVIOUS_X,
+                                model_var_type=gd.ModelVarType.FIXED_SMALL, loss_type=gd.LossType.MSE)  # fmt: skip
+    with pytest.raises(ValueError, match="PREVIOUS_X: fastguide samples eps- and x0-prediction models"):
+        fg.adm.accelerate(prev)
     with pytest.raises(TypeError, match="not an ADM diffusion object"):
         fg.adm.accelerate(object())
 

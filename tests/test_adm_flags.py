@@ -3,6 +3,8 @@ ADM's create_model_and_diffusion / create_classifier build from the same string.
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import shlex
 
@@ -79,8 +81,19 @@ def test_bad_flags_are_named():
         ModelFlags(class_cond="False")
     with pytest.raises(ValueError, match="batch_size must be int, got True"):
         SampleFlags(batch_size=True)
-    with pytest.raises(ValueError, match="eps-prediction models only"):
-        parse_flags("--predict_xstart True").model.schedule()
+
+
+def test_an_x0_prediction_unet_is_sampled_as_an_eps_model():
+    from fastguide.diffusion import XStartToEps
+
+    flags = dataclasses.replace(parse_flags("--predict_xstart True").model, image_size=8, num_channels=32,
+                                num_res_blocks=1, attention_resolutions="4", num_head_channels=32, channel_mult="1,2")  # fmt: skip
+    net = flags.build()
+    wrapped = flags.eps_model(net)
+    assert isinstance(wrapped, XStartToEps) and wrapped.net is net
+    assert flags.schedule("ddim10").num_steps == 10
+    plain = dataclasses.replace(flags, predict_xstart=False)
+    assert plain.eps_model(net) is net
 
 
 @needs_adm

@@ -112,7 +112,6 @@ def test_the_npz_holds_fastguides_samples_for_each_samples_seed_and_label(tmp_pa
     (["--model_path", "no_such.pt"], "no_such.pt"),
     (["--policy", "constant"], "--use_entropy_scale True asks for EDS, but --policy is constant"),
     (["--timestep_respacing", "ddim7000"], "ddim7000"),
-    (["--predict_xstart", "True"], "eps-prediction models only"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_before_any_work(tmp_path, checkpoints, capsys, extra, message):
     assert cli(["adm-sample", *FLAGS, *checkpoints, *RUN, "--out", str(tmp_path / "o"), *extra]) == 2

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+from torch import nn
+
 from .unet import EncoderUNetModel, UNetModel
 
 IMAGENET_CLASSES = 1000
@@ -84,7 +86,7 @@ class ModelFlags:
     noise_schedule: str = "linear"  # "linear" or "cosine"
     timestep_respacing: str = ""  # "" (all steps), "250", "10,15,20" or "ddim25"
     use_kl: bool = False  # train on the variational bound (training only)
-    predict_xstart: bool = False  # the network predicts x0 instead of eps (fastguide samples eps-models only)
+    predict_xstart: bool = False  # the network predicts x0 instead of eps (sampled through XStartToEps)
     rescale_timesteps: bool = False  # feed the network t scaled to 0..1000
     rescale_learned_sigmas: bool = False  # RESCALED_MSE loss (training only)
     in_channels: int = 3  # image channels (not an ADM flag; 3 in ADM)
@@ -121,12 +123,17 @@ class ModelFlags:
             use_new_attention_order=self.use_new_attention_order,
         )
 
+    def eps_model(self, net: nn.Module) -> nn.Module:
+        """``net`` as fastguide's samplers take it: an eps-model as it is, an x0-prediction network
+        (``predict_xstart``) behind :class:`fastguide.diffusion.XStartToEps`."""
+        from ..diffusion import XStartToEps
+
+        return XStartToEps(net, self.schedule("")) if self.predict_xstart else net
+
     def schedule(self, timestep_respacing: str | None = None):
         """The (respaced) noise schedule these flags describe; ``timestep_respacing`` overrides the flag."""
         from ..schedule import Schedule
 
-        if self.predict_xstart:
-            raise ValueError("predict_xstart=True: fastguide samples eps-prediction models only")
         respacing = self.timestep_respacing if timestep_respacing is None else timestep_respacing
         return Schedule.create(self.noise_schedule, self.diffusion_steps, respacing, self.rescale_timesteps)
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..diffusion import XStartToEps
 from ..guidance import Constant, EntropyDriven, GuidancePolicy, NoGuidance
 from ..noise import GlobalNoise
 from ..sampler import GuidedSampler, SamplerConfig
@@ -122,8 +123,9 @@ class AcceleratedDiffusion:
 
     def __init__(self, diffusion, config: SamplerConfig | None = None):
         mean = getattr(getattr(diffusion, "model_mean_type", None), "name", "EPSILON")
-        if mean != "EPSILON":
-            raise ValueError(f"model_mean_type {mean}: fastguide samples eps-prediction models (EPSILON) only")
+        if mean not in ("EPSILON", "START_X"):
+            raise ValueError(f"model_mean_type {mean}: fastguide samples eps- and x0-prediction models "
+                             "(EPSILON, START_X) only")  # fmt: skip
         var = getattr(getattr(diffusion, "model_var_type", None), "name", "FIXED_LARGE")
         if var not in _VARIANCES:
             raise ValueError(f"unknown model_var_type {var!r}; expected one of {sorted(_VARIANCES)}")
@@ -131,6 +133,7 @@ class AcceleratedDiffusion:
             raise TypeError(f"config must be a fastguide.SamplerConfig, got {type(config).__name__}")
         self.diffusion, self.variance = diffusion, _VARIANCES[var]
         self.schedule = Schedule.from_adm(diffusion)
+        self.predict_xstart = mean == "START_X"
         self.config = config or SamplerConfig()
         self._samplers: dict = {}
 
@@ -198,10 +201,11 @@ class AcceleratedDiffusion:
         kept = self._samplers.get(key)
         if kept is not None and kept[0] is model and kept[1] is cond_fn:
             return kept[2]
+        net = XStartToEps(model, self.schedule) if self.predict_xstart else model  # START_X: x̂_0 as ε
         if cond_fn is None or isinstance(cond_fn, CondFn):
             classifier = None if cond_fn is None else cond_fn.classifier
             policy = NoGuidance() if cond_fn is None else cond_fn.policy
-            sampler = GuidedSampler(model, classifier, self.schedule, policy, config, image_shape=shape[1:],
+            sampler = GuidedSampler(net, classifier, self.schedule, policy, config, image_shape=shape[1:],
                                     class_cond=class_cond)  # fmt: skip
         else:  # any ADM cond_fn: its gradient is applied as ADM's loops apply it
             if not callable(cond_fn):
@@ -210,7 +214,7 @@ class AcceleratedDiffusion:
             def adm_cond_fn(x, t, y):
                 return cond_fn(x, t, y=y) if class_cond else cond_fn(x, t)
 
-            sampler = GuidedSampler(model, None, self.schedule, NoGuidance(), config, image_shape=shape[1:],
+            sampler = GuidedSampler(net, None, self.schedule, NoGuidance(), config, image_shape=shape[1:],
                                     class_cond=class_cond, cond_fn=adm_cond_fn)  # fmt: skip
         self._samplers[key] = (model, cond_fn, sampler)
         return sampler
@@ -229,7 +233,8 @@ def accelerate(diffusion, config: SamplerConfig | None = None) -> AcceleratedDif
     (compile, precision, ...); method, eta, clipping and variance come from each call and the object.
 
     Differences from ADM's loops, each an error rather than a silent change: ``denoised_fn`` and
-    model_kwargs other than ``y`` are not supported; x0-prediction models (``predict_xstart``) are refused.
+    model_kwargs other than ``y`` are not supported. x0-prediction models (``predict_xstart``) are sampled as
+    eps-models through :class:`fastguide.diffusion.XStartToEps`.
     ``*_progressive`` raises a non-finite value (NaN/inf from a network) when the loop ends.
     """
     if isinstance(diffusion, AcceleratedDiffusion):

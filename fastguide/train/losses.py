@@ -125,6 +125,7 @@ def vlb_term(
     t: torch.Tensor,
     schedule: Schedule,
     clip_denoised: bool = False,
+    predict_xstart: bool = False,
 ) -> torch.Tensor:
     """One term L_t of the variational bound, in bits per dimension (Improved DDPM Eq. 4–6).
 
@@ -134,18 +135,20 @@ def vlb_term(
     variance, which is the ``learned_range`` interpolation of :func:`fastguide.diffusion.model_variance`.
 
     Args:
-        model_output_eps_frozen: (B, C, H, W) predicted ε (detached inside).
+        model_output_eps_frozen: (B, C, H, W) predicted ε (detached inside), or x̂_0 with ``predict_xstart``.
         var_values: (B, C, H, W) v ∈ [−1, 1], the second half of the model output.
         x0: (B, C, H, W) clean images in [-1, 1].
         x_t: (B, C, H, W) noised images at t.
         t: (B,) int64 chain indices.
         schedule: the training schedule.
         clip_denoised: clip x̂_0 to [-1, 1] before forming p's mean (ADM's training uses False).
+        predict_xstart: the first argument is the network's x̂_0 (ADM's ``ModelMeanType.START_X``).
     Returns:
         (B,) float32 L_t in bits/dim.
     """
     c = StepCoefficients.of(schedule.coefficients(t))
-    xstart = predict_xstart_from_eps(x_t, model_output_eps_frozen.detach().float(), c)
+    frozen = model_output_eps_frozen.detach().float()
+    xstart = frozen if predict_xstart else predict_xstart_from_eps(x_t, frozen, c)
     if clip_denoised:
         xstart = xstart.clamp(-1, 1)
     _, model_log_var = model_variance("learned_range", c, var_values.float())
@@ -190,13 +193,15 @@ def diffusion_loss(
     model_kwargs: dict | None = None,
     learn_sigma: bool = False,
     lambda_vlb: float = 0.001,
+    predict_xstart: bool = False,
 ) -> DiffusionLossTerms:
-    """ADM's eps-prediction training loss: L_simple, or Improved DDPM's L_hybrid with learned sigma.
+    """ADM's training loss: L_simple, or Improved DDPM's L_hybrid with learned sigma.
 
     Noises x0 to x_t (DDPM Eq. 4), runs ``model(x_t, schedule.model_timesteps(t), **model_kwargs)``
     (the network sees original timesteps) and returns
 
-    * mse = mean over dims of (ε − ε_θ)²  (L_simple, DDPM Eq. 14);
+    * mse = mean over dims of (ε − ε_θ)²  (L_simple, DDPM Eq. 14), or of (x_0 − x̂_θ)² for an
+      x0-prediction network (``predict_xstart``, ADM's ``ModelMeanType.START_X``);
     * with ``learn_sigma``: loss = mse + λ · T · vb  (L_hybrid = L_simple + λ L_vlb, Improved DDPM §3.1),
       where vb is the one-term estimate L_t of :func:`vlb_term` (trains only σ) and T = schedule.num_steps
       makes T · L_t an unbiased estimate of the whole bound for uniformly sampled t.
@@ -213,6 +218,7 @@ def diffusion_loss(
         model_kwargs: extra model arguments, e.g. ``{"y": labels}`` for class-conditional models.
         learn_sigma: the model also outputs v for the ``learned_range`` variance.
         lambda_vlb: weight λ of L_vlb in the hybrid loss.
+        predict_xstart: the network predicts x_0 instead of ε (its first C channels).
     Returns:
         DiffusionLossTerms of (B,) float32 tensors; vb is None without learned sigma.
     Raises:
@@ -221,10 +227,11 @@ def diffusion_loss(
     x_t = q_sample(x0, t, noise, schedule)
     out = model(x_t, schedule.model_timesteps(t), **(model_kwargs or {}))
     eps, var_values = split_model_output(out, x0, learn_sigma)
-    mse = mean_flat((noise.float() - eps) ** 2)
+    target = x0 if predict_xstart else noise
+    mse = mean_flat((target.float() - eps) ** 2)
     if var_values is None:
         return DiffusionLossTerms(mse, mse, None)
-    vb = vlb_term(eps, var_values, x0.float(), x_t.float(), t, schedule)
+    vb = vlb_term(eps, var_values, x0.float(), x_t.float(), t, schedule, predict_xstart=predict_xstart)
     return DiffusionLossTerms(mse + lambda_vlb * schedule.num_steps * vb, mse, vb)
 
 

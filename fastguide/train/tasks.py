@@ -180,19 +180,21 @@ def train_classifier(
 # ---- diffusion ----
 
 
-def diffusion_objective(schedule: Schedule, learn_sigma: bool, class_cond: bool, lambda_vlb: float):
+def diffusion_objective(schedule: Schedule, learn_sigma: bool, class_cond: bool, lambda_vlb: float,
+                        predict_xstart: bool = False):  # fmt: skip
     """Per-sample L_simple (or L_hybrid with learned sigma) at the step's timesteps and noise."""
 
     def loss(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, rnd: StepNoise) -> LossTerms:
         kwargs = {"y": y} if class_cond else {}
-        terms = diffusion_loss(model, x0, rnd.t, rnd.noise, schedule, kwargs, learn_sigma, lambda_vlb)
+        terms = diffusion_loss(model, x0, rnd.t, rnd.noise, schedule, kwargs, learn_sigma, lambda_vlb, predict_xstart)
         vb = terms.vb if terms.vb is not None else torch.zeros_like(terms.mse)
         return LossTerms(terms.loss, (terms.mse, vb))
 
     return loss
 
 
-def diffusion_evaluation(schedule: Schedule, buckets: int, seed: int, learn_sigma: bool, class_cond: bool):
+def diffusion_evaluation(schedule: Schedule, buckets: int, seed: int, learn_sigma: bool, class_cond: bool,
+                         predict_xstart: bool = False):  # fmt: skip
     """Held-out L_simple (and vb with learned sigma) per noise-level bucket of t."""
 
     @torch.no_grad()
@@ -206,7 +208,8 @@ def diffusion_evaluation(schedule: Schedule, buckets: int, seed: int, learn_sigm
                 noise = torch.randn(x0.shape, generator=g)
                 kwargs = {"y": y.to(device)} if class_cond else {}
                 terms = diffusion_loss(
-                    model, x0.to(device), t.to(device), noise.to(device), schedule, kwargs, learn_sigma
+                    model, x0.to(device), t.to(device), noise.to(device), schedule, kwargs, learn_sigma,
+                    predict_xstart=predict_xstart,
                 )
                 mse += terms.mse.sum().item()
                 vb += terms.vb.sum().item() if terms.vb is not None else 0.0
@@ -236,11 +239,12 @@ def train_diffusion(
     train_set: Dataset | None = None,
     val_set: Dataset | None = None,
 ) -> TrainResult:
-    """Train an eps-prediction diffusion UNet with ADM's losses and an EMA, on one process or under torchrun.
+    """Train a diffusion UNet with ADM's losses and an EMA, on one process or under torchrun.
 
     Args:
         config: the run's configuration (``config.model.learn_sigma`` selects the hybrid loss,
-            ``config.model.class_cond`` a class-conditional UNet).
+            ``config.model.class_cond`` a class-conditional UNet, ``config.model.predict_xstart`` an
+            x0-prediction network instead of an eps-model).
         model: any ``nn.Module(x, t[, y=])`` eps-model; default: ADM's UNetModel of ``config.model``.
     Returns:
         :class:`TrainResult` (EMA weights in ``result.ema`` and ``out_dir/ema.safetensors``).
@@ -287,9 +291,11 @@ def _train(config, kind: str, model, train_set, val_set) -> TrainResult:
             run_config["model"] = dataclasses.asdict(flags)
         task = Task(
             "diffusion",
-            diffusion_objective(schedule, flags.learn_sigma, flags.class_cond, config.lambda_vlb),
+            diffusion_objective(schedule, flags.learn_sigma, flags.class_cond, config.lambda_vlb, flags.predict_xstart),
             ("mse", "vb"),
-            diffusion_evaluation(schedule, config.eval_buckets, config.seed, flags.learn_sigma, flags.class_cond),
+            diffusion_evaluation(
+                schedule, config.eval_buckets, config.seed, flags.learn_sigma, flags.class_cond, flags.predict_xstart
+            ),
             ema_rate=config.ema_rate,
             ema_warmup=config.ema_warmup,
         )
