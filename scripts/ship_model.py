@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("name")
     parser.add_argument("--command", required=True)
+    parser.add_argument("--note", type=Path, help="a Markdown file appended to the card (why these settings)")
     parser.add_argument("--weights-dir", type=Path, default=ROOT / "fastguide" / "weights")
     parser.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
                         help="auto: the EMA weights when the run has them, else the model's")  # fmt: skip
@@ -58,6 +59,8 @@ def main() -> None:
         keys = [k for k in last_eval[0] if k != "step"]
         lines += ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
         lines += ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in last_eval]
+    if args.note is not None:
+        lines += ["", args.note.read_text().rstrip()]
     (dest / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
     print(f"shipped {run} as {dest}")
 
