@@ -138,3 +138,24 @@ def test_accelerated_x0_model_meets_the_float64_rule_against_adms_start_x_loop(f
         scale = w.abs().max().item()
         err, ref_err = (a.double() - w).abs().max().item() / scale, (r.double() - w).abs().max().item() / scale
         assert err <= 2 * ref_err + 1e-6, f"step {k}: error against float64 {err:.3g} > 2 × ADM float32's {ref_err:.3g}"
+
+
+def test_the_v_loss_is_the_same_for_an_x0_network_and_the_eps_network_it_equals():
+    """‖v − v̂‖² does not depend on what the network predicts: x̂0 and the ε̂ it implies give the same loss,
+    and that loss is ‖x0 − x̂0‖²/(1 − ᾱ_t), computed here in float64."""
+    schedule = fg.Schedule.create("linear", 1000)
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.rand(5, 1, 8, 8, generator=g) * 2 - 1, torch.randn(5, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 300, 700, 999])
+    x0_hat = x0 + 0.1 * torch.randn(5, 1, 8, 8, generator=g)
+    c = fg.schedule.StepCoefficients.of(schedule.coefficients(t))
+    x_t = fg.train.losses.q_sample(x0, t, noise, schedule)
+    eps_hat = fg.diffusion.predict_eps_from_xstart(x_t, x0_hat, c)
+    as_x0 = diffusion_loss(_Const(x0_hat), x0, t, noise, schedule, predict_xstart=True, v_loss=True).mse
+    as_eps = diffusion_loss(_Const(eps_hat), x0, t, noise, schedule, v_loss=True).mse
+    alpha_bar = schedule.table("alpha_bar")[t]
+    want = ((x0 - x0_hat).double() ** 2).mean(dim=(1, 2, 3)) / (1 - alpha_bar)
+    torch.testing.assert_close(as_x0.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(as_eps.double(), want, rtol=2e-3, atol=0)  # ε̂ from x̂0 in float32: ~1e-4 relative
+    plain = diffusion_loss(_Const(x0_hat), x0, t, noise, schedule, predict_xstart=True).mse
+    assert (as_x0[:2] > 1000 * plain[:2]).all() and torch.allclose(as_x0[-1], plain[-1], rtol=1e-3)

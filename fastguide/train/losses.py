@@ -194,6 +194,7 @@ def diffusion_loss(
     learn_sigma: bool = False,
     lambda_vlb: float = 0.001,
     predict_xstart: bool = False,
+    v_loss: bool = False,
 ) -> DiffusionLossTerms:
     """ADM's training loss: L_simple, or Improved DDPM's L_hybrid with learned sigma.
 
@@ -219,6 +220,10 @@ def diffusion_loss(
         learn_sigma: the model also outputs v for the ``learned_range`` variance.
         lambda_vlb: weight λ of L_vlb in the hybrid loss.
         predict_xstart: the network predicts x_0 instead of ε (its first C channels).
+        v_loss: measure mse as the error of v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x_0 (Salimans & Ho 2022), whatever
+            the network predicts: ‖x_0 − x̂_0‖² / (1 − ᾱ_t), or ‖ε − ε̂‖² / ᾱ_t. Not in ADM. For an x0 network
+            it weights small t as an eps-model's loss does and large t as an x0 loss, where plain x0 mse
+            leaves small t under-trained (and learned sigmas far outside the learned range).
     Returns:
         DiffusionLossTerms of (B,) float32 tensors; vb is None without learned sigma.
     Raises:
@@ -229,6 +234,9 @@ def diffusion_loss(
     eps, var_values = split_model_output(out, x0, learn_sigma)
     target = x0 if predict_xstart else noise
     mse = mean_flat((target.float() - eps) ** 2)
+    if v_loss:
+        alpha_bar = schedule.table("alpha_bar")[t.detach().cpu()]  # float64: 1 − ᾱ_0 = β_0 is 1e-4
+        mse = mse * (1 / ((1 - alpha_bar) if predict_xstart else alpha_bar)).to(mse.device, mse.dtype)
     if var_values is None:
         return DiffusionLossTerms(mse, mse, None)
     vb = vlb_term(eps, var_values, x0.float(), x_t.float(), t, schedule, predict_xstart=predict_xstart)

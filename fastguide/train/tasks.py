@@ -54,6 +54,7 @@ class DiffusionTrainConfig(TrainConfig):
     ema_rate: float = 0.9999  # EMA decay of the weights
     ema_warmup: bool = False  # decay min(ema_rate, (1+k)/(10+k)) at update k: no random-init residue (ADM: off)
     lambda_vlb: float = 0.001  # λ of L_hybrid = L_simple + λ L_vlb (learned sigma only)
+    v_loss: bool = False  # mse as the error of v = sqrt(ᾱ)ε − sqrt(1−ᾱ)x0, for either prediction (ADM: off)
     model: ModelFlags = DEFAULT_UNET  # architecture, as ADM's model flags
 
     def validate(self, world_size: int) -> None:
@@ -181,12 +182,14 @@ def train_classifier(
 
 
 def diffusion_objective(schedule: Schedule, learn_sigma: bool, class_cond: bool, lambda_vlb: float,
-                        predict_xstart: bool = False):  # fmt: skip
+                        predict_xstart: bool = False, v_loss: bool = False):  # fmt: skip
     """Per-sample L_simple (or L_hybrid with learned sigma) at the step's timesteps and noise."""
 
     def loss(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, rnd: StepNoise) -> LossTerms:
         kwargs = {"y": y} if class_cond else {}
-        terms = diffusion_loss(model, x0, rnd.t, rnd.noise, schedule, kwargs, learn_sigma, lambda_vlb, predict_xstart)
+        terms = diffusion_loss(
+            model, x0, rnd.t, rnd.noise, schedule, kwargs, learn_sigma, lambda_vlb, predict_xstart, v_loss
+        )
         vb = terms.vb if terms.vb is not None else torch.zeros_like(terms.mse)
         return LossTerms(terms.loss, (terms.mse, vb))
 
@@ -291,7 +294,8 @@ def _train(config, kind: str, model, train_set, val_set) -> TrainResult:
             run_config["model"] = dataclasses.asdict(flags)
         task = Task(
             "diffusion",
-            diffusion_objective(schedule, flags.learn_sigma, flags.class_cond, config.lambda_vlb, flags.predict_xstart),
+            diffusion_objective(schedule, flags.learn_sigma, flags.class_cond, config.lambda_vlb, flags.predict_xstart,
+                                config.v_loss),  # fmt: skip
             ("mse", "vb"),
             diffusion_evaluation(
                 schedule, config.eval_buckets, config.seed, flags.learn_sigma, flags.class_cond, flags.predict_xstart
