@@ -39,7 +39,38 @@ def predict_eps_from_xstart(x_t: torch.Tensor, xstart: torch.Tensor, c: StepCoef
     return (c.sqrt_recip_alpha_bar * x_t - xstart) / c.sqrt_recipm1_alpha_bar
 
 
-class XStartToEps(nn.Module):
+class _EpsView(nn.Module):
+    """A network that predicts something other than ε, seen as an eps-model: the first C output channels are
+    turned into ε by :meth:`_eps` with two float32 coefficients per original timestep (cast once from
+    float64), the variance channels pass through, and the network's attributes show through."""
+
+    def __init__(self, net: nn.Module, schedule: Schedule):
+        super().__init__()
+        self.net = net
+        # ᾱ by original timestep; timesteps outside the chain get NaN, which the samplers report as non-finite
+        alpha_bar = torch.full((schedule.num_original_timesteps,), math.nan, dtype=torch.float64)
+        alpha_bar[torch.tensor(schedule.timestep_map, dtype=torch.long)] = schedule.table("alpha_bar")
+        a, b = self._coefficients(alpha_bar)
+        self.register_buffer("coef_x", a.float(), persistent=False)
+        self.register_buffer("coef_out", b.float(), persistent=False)
+        self.rescale = schedule.num_original_timesteps / 1000.0 if schedule.rescale_timesteps else None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("net"), name)  # in_channels, image_size, num_classes, ...
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        out = self.net(x, t, **kwargs)
+        index = t.long() if self.rescale is None else (t * self.rescale).round().long()
+        c = x.shape[1]
+        a = self.coef_x[index].reshape(-1, 1, 1, 1)
+        b = self.coef_out[index].reshape(-1, 1, 1, 1)
+        return torch.cat([self._eps(a, b, x.float(), out[:, :c].float()), out[:, c:].float()], dim=1)
+
+
+class XStartToEps(_EpsView):
     """An x0-prediction network (ADM's ``--predict_xstart``, ``ModelMeanType.START_X``) seen as an eps-model.
 
     Its first C output channels x̂_0 become ε = (x_t / sqrt(ᾱ_t) − x̂_0) / sqrt(1/ᾱ_t − 1), ADM's
@@ -54,30 +85,31 @@ class XStartToEps(nn.Module):
             timestep ``t`` the network is given, un-rescaled when ``schedule.rescale_timesteps``).
     """
 
-    def __init__(self, net: nn.Module, schedule: Schedule):
-        super().__init__()
-        self.net = net
-        # ᾱ by original timestep; timesteps outside the chain get NaN, which the samplers report as non-finite
-        alpha_bar = torch.full((schedule.num_original_timesteps,), math.nan, dtype=torch.float64)
-        alpha_bar[torch.tensor(schedule.timestep_map, dtype=torch.long)] = schedule.table("alpha_bar")
-        self.register_buffer("sqrt_recip", torch.sqrt(1.0 / alpha_bar).float(), persistent=False)
-        self.register_buffer("sqrt_recipm1", torch.sqrt(1.0 / alpha_bar - 1).float(), persistent=False)
-        self.rescale = schedule.num_original_timesteps / 1000.0 if schedule.rescale_timesteps else None
+    @staticmethod
+    def _coefficients(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.sqrt(1.0 / alpha_bar), torch.sqrt(1.0 / alpha_bar - 1)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("net"), name)  # in_channels, image_size, num_classes, ...
+    @staticmethod
+    def _eps(sqrt_recip: torch.Tensor, sqrt_recipm1: torch.Tensor, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return (sqrt_recip * x - x0) / sqrt_recipm1
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
-        out = self.net(x, t, **kwargs)
-        index = t.long() if self.rescale is None else (t * self.rescale).round().long()
-        c = x.shape[1]
-        a = self.sqrt_recip[index].reshape(-1, 1, 1, 1)
-        b = self.sqrt_recipm1[index].reshape(-1, 1, 1, 1)
-        eps = (a * x.float() - out[:, :c].float()) / b
-        return torch.cat([eps, out[:, c:].float()], dim=1)
+
+class VToEps(_EpsView):
+    """A v-prediction network (v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x_0, Salimans & Ho 2022; fastguide's
+    ``predict_v``, not an ADM option) seen as an eps-model: ε = sqrt(ᾱ_t)·v̂ + sqrt(1 − ᾱ_t)·x_t.
+
+    At small t it predicts ε, at large t −x_0, so neither end asks the network for the identity: an
+    eps-model must get sqrt(ᾱ_t)·x_0 right inside ε̂ at large t (or deterministic samplers carry x_T's
+    mean into the image), an x0-model must copy x_t at small t. Arguments as :class:`XStartToEps`.
+    """
+
+    @staticmethod
+    def _coefficients(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.sqrt(1.0 - alpha_bar), torch.sqrt(alpha_bar)
+
+    @staticmethod
+    def _eps(sqrt_one_minus: torch.Tensor, sqrt_alpha_bar: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return sqrt_alpha_bar * v + sqrt_one_minus * x
 
 
 def posterior_mean(xstart: torch.Tensor, x_t: torch.Tensor, c: StepCoefficients) -> torch.Tensor:

@@ -10,7 +10,7 @@ from test_adm_parity import FOLDERS, golden
 
 import fastguide as fg
 from fastguide import ops
-from fastguide.diffusion import XStartToEps
+from fastguide.diffusion import VToEps, XStartToEps
 from fastguide.train.losses import diffusion_loss, vlb_term
 
 needs_adm = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
@@ -66,7 +66,7 @@ def test_the_x0_loss_is_the_squared_error_of_x0_and_its_vb_uses_the_networks_x0(
     t = torch.tensor([0, 3, 50, 99])
     x0_hat, v = torch.randn(4, 1, 8, 8, generator=g), torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
     terms = diffusion_loss(_Const(torch.cat([x0_hat, v], 1)), x0, t, noise, schedule, learn_sigma=True,
-                           predict_xstart=True)  # fmt: skip
+                           prediction="x0")  # fmt: skip
     torch.testing.assert_close(terms.mse, ((x0 - x0_hat) ** 2).mean(dim=(1, 2, 3)), rtol=0, atol=0)
     # the same bound through the eps an eps-model would have output for this x̂0
     c = fg.schedule.StepCoefficients.of(schedule.coefficients(t))
@@ -75,7 +75,7 @@ def test_the_x0_loss_is_the_squared_error_of_x0_and_its_vb_uses_the_networks_x0(
     torch.testing.assert_close(terms.vb, as_eps, rtol=1e-4, atol=1e-6)
     # a perfect x0 network has zero mse
     perfect = diffusion_loss(_Const(torch.cat([x0, v], 1)), x0, t, noise, schedule, learn_sigma=True,
-                             predict_xstart=True)  # fmt: skip
+                             prediction="x0")  # fmt: skip
     assert perfect.mse.abs().max() == 0
 
 
@@ -151,11 +151,49 @@ def test_the_v_loss_is_the_same_for_an_x0_network_and_the_eps_network_it_equals(
     c = fg.schedule.StepCoefficients.of(schedule.coefficients(t))
     x_t = fg.train.losses.q_sample(x0, t, noise, schedule)
     eps_hat = fg.diffusion.predict_eps_from_xstart(x_t, x0_hat, c)
-    as_x0 = diffusion_loss(_Const(x0_hat), x0, t, noise, schedule, predict_xstart=True, v_loss=True).mse
+    as_x0 = diffusion_loss(_Const(x0_hat), x0, t, noise, schedule, prediction="x0", v_loss=True).mse
     as_eps = diffusion_loss(_Const(eps_hat), x0, t, noise, schedule, v_loss=True).mse
     alpha_bar = schedule.table("alpha_bar")[t]
     want = ((x0 - x0_hat).double() ** 2).mean(dim=(1, 2, 3)) / (1 - alpha_bar)
     torch.testing.assert_close(as_x0.double(), want, rtol=1e-5, atol=0)
     torch.testing.assert_close(as_eps.double(), want, rtol=2e-3, atol=0)  # ε̂ from x̂0 in float32: ~1e-4 relative
-    plain = diffusion_loss(_Const(x0_hat), x0, t, noise, schedule, predict_xstart=True).mse
+    plain = diffusion_loss(_Const(x0_hat), x0, t, noise, schedule, prediction="x0").mse
     assert (as_x0[:2] > 1000 * plain[:2]).all() and torch.allclose(as_x0[-1], plain[-1], rtol=1e-3)
+
+
+def test_a_v_network_is_trained_on_v_and_sampled_as_the_eps_it_implies():
+    """The true v gives the true ε through VToEps, zero v-loss, and the x̂0 the vb term uses is x0."""
+    schedule = fg.Schedule.create("linear", 1000)
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.rand(5, 1, 8, 8, generator=g) * 2 - 1, torch.randn(5, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 300, 700, 999])
+    ab = schedule.table("alpha_bar")[t].reshape(-1, 1, 1, 1)
+    v = (ab.sqrt() * noise.double() - (1 - ab).sqrt() * x0.double()).float()
+    x_t = fg.train.losses.q_sample(x0, t, noise, schedule)
+    var = torch.zeros_like(x0)
+    eps = VToEps(_Const(torch.cat([v, var], 1)), schedule)(x_t, t)[:, :1]
+    torch.testing.assert_close(eps, noise, rtol=0, atol=1e-5)
+    terms = diffusion_loss(_Const(torch.cat([v, var], 1)), x0, t, noise, schedule, learn_sigma=True, prediction="v")
+    assert terms.mse.max() < 1e-12
+    c = fg.schedule.StepCoefficients.of(schedule.coefficients(t))
+    torch.testing.assert_close(fg.train.losses.xstart_from_prediction("v", x_t, v, c), x0, rtol=0, atol=1e-5)
+    # v̂ off by δ costs ‖δ‖², the same as the v-loss of the x̂0 network with the same x̂0
+    v_hat = v + 0.1 * torch.randn(v.shape, generator=g)
+    as_v = diffusion_loss(_Const(v_hat), x0, t, noise, schedule, prediction="v").mse
+    x0_hat = fg.train.losses.xstart_from_prediction("v", x_t, v_hat, c)
+    as_x0 = diffusion_loss(_Const(x0_hat), x0, t, noise, schedule, prediction="x0", v_loss=True).mse
+    torch.testing.assert_close(as_v, ((v_hat - v) ** 2).mean(dim=(1, 2, 3)), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(as_x0, as_v, rtol=2e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        diffusion_loss(_Const(v_hat), x0, t, noise, schedule, prediction="score")
+
+
+def test_predict_v_builds_a_v_view_and_is_not_an_adm_flag():
+    from fastguide.adm.configs import ModelFlags
+    from fastguide.adm.flags import ADM_FLAGS
+
+    assert "predict_v" not in ADM_FLAGS["model"]
+    flags = ModelFlags(image_size=32, num_channels=32, channel_mult="1,2", num_res_blocks=1, predict_v=True)
+    assert flags.prediction == "v" and isinstance(flags.eps_model(torch.nn.Identity()), VToEps)
+    with pytest.raises(ValueError, match="predict_xstart and predict_v are both set"):
+        ModelFlags(predict_xstart=True, predict_v=True)

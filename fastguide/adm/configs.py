@@ -87,15 +87,23 @@ class ModelFlags:
     timestep_respacing: str = ""  # "" (all steps), "250", "10,15,20" or "ddim25"
     use_kl: bool = False  # train on the variational bound (training only)
     predict_xstart: bool = False  # the network predicts x0 instead of eps (sampled through XStartToEps)
+    predict_v: bool = False  # the network predicts v = sqrt(ᾱ)ε − sqrt(1−ᾱ)x0 (not an ADM flag; VToEps)
     rescale_timesteps: bool = False  # feed the network t scaled to 0..1000
     rescale_learned_sigmas: bool = False  # RESCALED_MSE loss (training only)
     in_channels: int = 3  # image channels (not an ADM flag; 3 in ADM)
     num_classes: int = IMAGENET_CLASSES  # classes of a class-conditional model (not an ADM flag)
 
-    NOT_ADM: ClassVar[tuple[str, ...]] = ("in_channels", "num_classes")
+    NOT_ADM: ClassVar[tuple[str, ...]] = ("in_channels", "num_classes", "predict_v")
 
     def __post_init__(self):
         check_types(self)
+        if self.predict_xstart and self.predict_v:
+            raise ValueError("predict_xstart and predict_v are both set; a network predicts one of x0, v or eps")
+
+    @property
+    def prediction(self) -> str:
+        """What the network's first C channels predict: "eps", "x0" (``predict_xstart``) or "v" (``predict_v``)."""
+        return "x0" if self.predict_xstart else "v" if self.predict_v else "eps"
 
     def build(self) -> UNetModel:
         """Instantiate the UNet these flags describe (randomly initialised)."""
@@ -125,10 +133,12 @@ class ModelFlags:
 
     def eps_model(self, net: nn.Module) -> nn.Module:
         """``net`` as fastguide's samplers take it: an eps-model as it is, an x0-prediction network
-        (``predict_xstart``) behind :class:`fastguide.diffusion.XStartToEps`."""
-        from ..diffusion import XStartToEps
+        (``predict_xstart``) behind :class:`fastguide.diffusion.XStartToEps`, a v-prediction network
+        (``predict_v``) behind :class:`fastguide.diffusion.VToEps`."""
+        from ..diffusion import VToEps, XStartToEps
 
-        return XStartToEps(net, self.schedule("")) if self.predict_xstart else net
+        view = {"x0": XStartToEps, "v": VToEps}.get(self.prediction)
+        return net if view is None else view(net, self.schedule(""))
 
     def schedule(self, timestep_respacing: str | None = None):
         """The (respaced) noise schedule these flags describe; ``timestep_respacing`` overrides the flag."""

@@ -117,6 +117,18 @@ def discretized_gaussian_log_likelihood(
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_bin))
 
 
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def xstart_from_prediction(prediction: str, x_t: torch.Tensor, out: torch.Tensor, c: StepCoefficients) -> torch.Tensor:
+    """x̂_0 from a network's ε̂ (ADM's formula), x̂_0 itself, or v̂: x̂_0 = sqrt(ᾱ_t)·x_t − sqrt(1 − ᾱ_t)·v̂."""
+    if prediction == "x0":
+        return out
+    if prediction == "v":
+        return c.alpha_bar.sqrt() * x_t - (1 - c.alpha_bar).sqrt() * out
+    return predict_xstart_from_eps(x_t, out, c)
+
+
 def vlb_term(
     model_output_eps_frozen: torch.Tensor,
     var_values: torch.Tensor,
@@ -125,7 +137,7 @@ def vlb_term(
     t: torch.Tensor,
     schedule: Schedule,
     clip_denoised: bool = False,
-    predict_xstart: bool = False,
+    prediction: str = "eps",
 ) -> torch.Tensor:
     """One term L_t of the variational bound, in bits per dimension (Improved DDPM Eq. 4–6).
 
@@ -135,20 +147,20 @@ def vlb_term(
     variance, which is the ``learned_range`` interpolation of :func:`fastguide.diffusion.model_variance`.
 
     Args:
-        model_output_eps_frozen: (B, C, H, W) predicted ε (detached inside), or x̂_0 with ``predict_xstart``.
+        model_output_eps_frozen: (B, C, H, W) the network's ε̂ (detached inside), or its x̂_0 or v̂ (``prediction``).
         var_values: (B, C, H, W) v ∈ [−1, 1], the second half of the model output.
         x0: (B, C, H, W) clean images in [-1, 1].
         x_t: (B, C, H, W) noised images at t.
         t: (B,) int64 chain indices.
         schedule: the training schedule.
         clip_denoised: clip x̂_0 to [-1, 1] before forming p's mean (ADM's training uses False).
-        predict_xstart: the first argument is the network's x̂_0 (ADM's ``ModelMeanType.START_X``).
+        prediction: what the first argument is: "eps", "x0" (ADM's ``ModelMeanType.START_X``) or "v".
     Returns:
         (B,) float32 L_t in bits/dim.
     """
     c = StepCoefficients.of(schedule.coefficients(t))
     frozen = model_output_eps_frozen.detach().float()
-    xstart = frozen if predict_xstart else predict_xstart_from_eps(x_t, frozen, c)
+    xstart = xstart_from_prediction(prediction, x_t, frozen, c)
     if clip_denoised:
         xstart = xstart.clamp(-1, 1)
     _, model_log_var = model_variance("learned_range", c, var_values.float())
@@ -193,7 +205,7 @@ def diffusion_loss(
     model_kwargs: dict | None = None,
     learn_sigma: bool = False,
     lambda_vlb: float = 0.001,
-    predict_xstart: bool = False,
+    prediction: str = "eps",
     v_loss: bool = False,
 ) -> DiffusionLossTerms:
     """ADM's training loss: L_simple, or Improved DDPM's L_hybrid with learned sigma.
@@ -201,8 +213,9 @@ def diffusion_loss(
     Noises x0 to x_t (DDPM Eq. 4), runs ``model(x_t, schedule.model_timesteps(t), **model_kwargs)``
     (the network sees original timesteps) and returns
 
-    * mse = mean over dims of (ε − ε_θ)²  (L_simple, DDPM Eq. 14), or of (x_0 − x̂_θ)² for an
-      x0-prediction network (``predict_xstart``, ADM's ``ModelMeanType.START_X``);
+    * mse = mean over dims of (ε − ε_θ)²  (L_simple, DDPM Eq. 14), of (x_0 − x̂_θ)² for an
+      x0-prediction network (``prediction="x0"``, ADM's ``ModelMeanType.START_X``), or of (v − v̂_θ)²
+      for a v-prediction network (``"v"``, v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x_0; not in ADM);
     * with ``learn_sigma``: loss = mse + λ · T · vb  (L_hybrid = L_simple + λ L_vlb, Improved DDPM §3.1),
       where vb is the one-term estimate L_t of :func:`vlb_term` (trains only σ) and T = schedule.num_steps
       makes T · L_t an unbiased estimate of the whole bound for uniformly sampled t.
@@ -219,7 +232,7 @@ def diffusion_loss(
         model_kwargs: extra model arguments, e.g. ``{"y": labels}`` for class-conditional models.
         learn_sigma: the model also outputs v for the ``learned_range`` variance.
         lambda_vlb: weight λ of L_vlb in the hybrid loss.
-        predict_xstart: the network predicts x_0 instead of ε (its first C channels).
+        prediction: what the network's first C channels predict: "eps", "x0" or "v".
         v_loss: measure mse as the error of v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·x_0 (Salimans & Ho 2022), whatever
             the network predicts: ‖x_0 − x̂_0‖² / (1 − ᾱ_t), or ‖ε − ε̂‖² / ᾱ_t. Not in ADM. For an x0 network
             it weights small t as an eps-model's loss does and large t as an x0 loss, where plain x0 mse
@@ -232,14 +245,21 @@ def diffusion_loss(
     x_t = q_sample(x0, t, noise, schedule)
     out = model(x_t, schedule.model_timesteps(t), **(model_kwargs or {}))
     eps, var_values = split_model_output(out, x0, learn_sigma)
-    target = x0 if predict_xstart else noise
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    alpha_bar = schedule.table("alpha_bar")[t.detach().cpu()]  # float64: 1 − ᾱ_0 = β_0 is 1e-4
+    if prediction == "v":
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        a, b = (c.to(x0.device, torch.float32).reshape(shape) for c in (alpha_bar.sqrt(), (1 - alpha_bar).sqrt()))
+        target = a * noise.float() - b * x0.float()
+    else:
+        target = x0 if prediction == "x0" else noise
     mse = mean_flat((target.float() - eps) ** 2)
-    if v_loss:
-        alpha_bar = schedule.table("alpha_bar")[t.detach().cpu()]  # float64: 1 − ᾱ_0 = β_0 is 1e-4
-        mse = mse * (1 / ((1 - alpha_bar) if predict_xstart else alpha_bar)).to(mse.device, mse.dtype)
+    if v_loss and prediction != "v":
+        mse = mse * (1 / ((1 - alpha_bar) if prediction == "x0" else alpha_bar)).to(mse.device, mse.dtype)
     if var_values is None:
         return DiffusionLossTerms(mse, mse, None)
-    vb = vlb_term(eps, var_values, x0.float(), x_t.float(), t, schedule, predict_xstart=predict_xstart)
+    vb = vlb_term(eps, var_values, x0.float(), x_t.float(), t, schedule, prediction=prediction)
     return DiffusionLossTerms(mse + lambda_vlb * schedule.num_steps * vb, mse, vb)
 
 

@@ -182,13 +182,13 @@ def train_classifier(
 
 
 def diffusion_objective(schedule: Schedule, learn_sigma: bool, class_cond: bool, lambda_vlb: float,
-                        predict_xstart: bool = False, v_loss: bool = False):  # fmt: skip
+                        prediction: str = "eps", v_loss: bool = False):  # fmt: skip
     """Per-sample L_simple (or L_hybrid with learned sigma) at the step's timesteps and noise."""
 
     def loss(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, rnd: StepNoise) -> LossTerms:
         kwargs = {"y": y} if class_cond else {}
         terms = diffusion_loss(
-            model, x0, rnd.t, rnd.noise, schedule, kwargs, learn_sigma, lambda_vlb, predict_xstart, v_loss
+            model, x0, rnd.t, rnd.noise, schedule, kwargs, learn_sigma, lambda_vlb, prediction, v_loss
         )
         vb = terms.vb if terms.vb is not None else torch.zeros_like(terms.mse)
         return LossTerms(terms.loss, (terms.mse, vb))
@@ -197,7 +197,7 @@ def diffusion_objective(schedule: Schedule, learn_sigma: bool, class_cond: bool,
 
 
 def diffusion_evaluation(schedule: Schedule, buckets: int, seed: int, learn_sigma: bool, class_cond: bool,
-                         predict_xstart: bool = False):  # fmt: skip
+                         prediction: str = "eps"):  # fmt: skip
     """Held-out L_simple (and vb with learned sigma) per noise-level bucket of t."""
 
     @torch.no_grad()
@@ -212,7 +212,7 @@ def diffusion_evaluation(schedule: Schedule, buckets: int, seed: int, learn_sigm
                 kwargs = {"y": y.to(device)} if class_cond else {}
                 terms = diffusion_loss(
                     model, x0.to(device), t.to(device), noise.to(device), schedule, kwargs, learn_sigma,
-                    predict_xstart=predict_xstart,
+                    prediction=prediction,
                 )
                 mse += terms.mse.sum().item()
                 vb += terms.vb.sum().item() if terms.vb is not None else 0.0
@@ -246,8 +246,8 @@ def train_diffusion(
 
     Args:
         config: the run's configuration (``config.model.learn_sigma`` selects the hybrid loss,
-            ``config.model.class_cond`` a class-conditional UNet, ``config.model.predict_xstart`` an
-            x0-prediction network instead of an eps-model).
+            ``config.model.class_cond`` a class-conditional UNet, ``config.model.predict_xstart`` /
+            ``predict_v`` an x0- / v-prediction network instead of an eps-model).
         model: any ``nn.Module(x, t[, y=])`` eps-model; default: ADM's UNetModel of ``config.model``.
     Returns:
         :class:`TrainResult` (EMA weights in ``result.ema`` and ``out_dir/ema.safetensors``).
@@ -294,11 +294,11 @@ def _train(config, kind: str, model, train_set, val_set) -> TrainResult:
             run_config["model"] = dataclasses.asdict(flags)
         task = Task(
             "diffusion",
-            diffusion_objective(schedule, flags.learn_sigma, flags.class_cond, config.lambda_vlb, flags.predict_xstart,
+            diffusion_objective(schedule, flags.learn_sigma, flags.class_cond, config.lambda_vlb, flags.prediction,
                                 config.v_loss),  # fmt: skip
             ("mse", "vb"),
             diffusion_evaluation(
-                schedule, config.eval_buckets, config.seed, flags.learn_sigma, flags.class_cond, flags.predict_xstart
+                schedule, config.eval_buckets, config.seed, flags.learn_sigma, flags.class_cond, flags.prediction
             ),
             ema_rate=config.ema_rate,
             ema_warmup=config.ema_warmup,
