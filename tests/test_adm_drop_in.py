@@ -273,5 +273,13 @@ def test_cond_fn_in_adms_loop_with_rescaled_timesteps_matches_accelerate(method)
     seen = [int(r.t[0]) for r in ours.records[: diffusion.num_timesteps]]
     assert seen == sorted(diffusion.timestep_map, reverse=True)  # original timesteps, up to 3999
     assert max(seen) > 1000
-    diff = (results[0] - results[1]).abs().max() / results[0].abs().max()
-    assert diff < 1e-4, f"ADM's loop with fastguide's cond_fn and fastguide's loop differ by {diff:.2g}"
+    # the two loops round differently; how far rounding-sized differences grow along this chain is measured
+    # by ADM's own loop from x_T moved by one float32 ulp (relative 2^-23): the bound is a multiple of that
+    torch.manual_seed(3)
+    nudged = (diffusion.ddim_sample_loop if method == "ddim" else diffusion.p_sample_loop)(
+        net, shape, cond_fn=ours, noise=g.x_T * (1 + 2**-23), model_kwargs={"y": g.y})
+    scale = results[0].abs().max()
+    diff, growth = (results[0] - results[1]).abs().max() / scale, (results[0] - nudged).abs().max() / scale
+    assert diff <= 16 * growth + 1e-6, (
+        f"ADM's loop with fastguide's cond_fn and fastguide's loop differ by {diff:.2g}; a one-ulp change of "
+        f"x_T moves ADM's own result by {growth:.2g}")
