@@ -245,13 +245,17 @@ class InceptionFeatures:
         return np.concatenate(feats), np.concatenate(probs)
 
 
+def frame_brightness(images: np.ndarray) -> np.ndarray:
+    """(N,) mean of each uint8 NHWC image's outer frame (:data:`BORDER` pixels), as a share of full scale."""
+    frame = np.ones(images.shape[1:3], dtype=bool)
+    frame[BORDER:-BORDER, BORDER:-BORDER] = False
+    return images[:, frame].reshape(len(images), -1).mean(axis=1) / 255.0
+
+
 def nonblack_background(images: np.ndarray) -> float:
     """Share of uint8 NHWC images whose outer frame (:data:`BORDER` pixels) has a mean above
     :data:`BACKGROUND_THRESHOLD` of full scale: a grey or blotchy background where the data's is black."""
-    frame = np.ones(images.shape[1:3], dtype=bool)
-    frame[BORDER:-BORDER, BORDER:-BORDER] = False
-    means = images[:, frame].reshape(len(images), -1).mean(axis=1) / 255.0
-    return float((means > BACKGROUND_THRESHOLD).mean())
+    return float((frame_brightness(images) > BACKGROUND_THRESHOLD).mean())
 
 
 def mean_intensity(images: np.ndarray) -> float:

@@ -70,8 +70,8 @@ def _flags(model: dict) -> ClassifierFlags | ModelFlags:
 
 
 def load_run(path: str | os.PathLike, weights: str = "auto") -> nn.Module:
-    """The network of the run folder ``path``, with its trained weights, in eval mode; an x0-prediction UNet
-    (``predict_xstart``) comes as the eps-model the samplers take (:meth:`ModelFlags.eps_model`).
+    """The network of the run folder ``path``, with its trained weights, in eval mode; an x0- or v-prediction
+    UNet (``predict_xstart``, ``predict_v``) comes as the eps-model the samplers take (:meth:`ModelFlags.eps_model`).
 
     Args:
         path: a run folder (``config.json`` and ``model.safetensors``, optionally ``ema.safetensors``).

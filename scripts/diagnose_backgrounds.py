@@ -17,17 +17,10 @@ import numpy as np
 import torch
 
 import fastguide as fg
-from fastguide.evaluation import BORDER, nonblack_background
+from fastguide.evaluation import frame_brightness, nonblack_background
 from fastguide.generate import MODELS, load_networks, make_sampler, run_dir
 from fastguide.noise import PerSampleNoise
 from fastguide.pretrained import load_run
-
-
-def frame_brightness(images: torch.Tensor) -> np.ndarray:
-    u = fg.to_uint8(images).numpy()
-    frame = np.ones(u.shape[1:3], dtype=bool)
-    frame[BORDER:-BORDER, BORDER:-BORDER] = False
-    return u[:, frame].reshape(len(u), -1).mean(axis=1) / 255.0
 
 
 def main() -> None:
@@ -49,8 +42,8 @@ def main() -> None:
             "ddim100": ("ddim", "ddim100", 0.0), "ddpm250": ("ddpm", "250", 0.0)}  # fmt: skip
     for method, respacing, eta in (run for name, run in runs.items() if name in chosen):
         images = make_sampler(nets, fg.NoGuidance(), method, respacing, eta=eta).sample(labels, seeds=seeds).images
-        b = frame_brightness(images)
-        share = nonblack_background(fg.to_uint8(images).numpy())
+        u = fg.to_uint8(images).numpy()
+        b, share = frame_brightness(u), nonblack_background(u)
         corr = np.corrcoef(x_T.mean(dim=(1, 2, 3)).numpy(), b)[0, 1]
         print(f"{method} {respacing} eta {eta:g}: non-black {share:.3f}, corr(mean of x_T, frame) {corr:+.2f}", flush=True)
     if "centred" not in chosen:

@@ -242,12 +242,13 @@ def diffusion_loss(
     Raises:
         ValueError: the model output does not have C (or 2C) channels; the message names the shape.
     """
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     x_t = q_sample(x0, t, noise, schedule)
     out = model(x_t, schedule.model_timesteps(t), **(model_kwargs or {}))
     eps, var_values = split_model_output(out, x0, learn_sigma)
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    alpha_bar = schedule.table("alpha_bar")[t.detach().cpu()]  # float64: 1 − ᾱ_0 = β_0 is 1e-4
+    if prediction != "eps" or v_loss:  # float64: 1 − ᾱ_0 = β_0 is 1e-4 (an eps-model's plain loss needs no ᾱ)
+        alpha_bar = schedule.table("alpha_bar")[t.detach().cpu()]
     if prediction == "v":
         shape = (-1,) + (1,) * (x0.dim() - 1)
         a, b = (c.to(x0.device, torch.float32).reshape(shape) for c in (alpha_bar.sqrt(), (1 - alpha_bar).sqrt()))
