@@ -69,8 +69,10 @@ setup(
     install_requires=["torch>=2.1", "numpy", "safetensors", "tqdm", "pillow", "mlxtend", "scipy", "matplotlib"],
     entry_points={"console_scripts": ["fastguide=fastguide.cli:main"]},
     extras_require={
-        # guided-diffusion-sdk: openai/guided-diffusion (ADM) itself, the peer the parity tests run beside fastguide
-        "test": ["pytest", "pytest-benchmark", "triton; platform_system == \"Linux\"", "guided-diffusion-sdk"],
+        # guided-diffusion-sdk: openai/guided-diffusion (ADM) itself, the peer the parity tests run beside fastguide;
+        # diffusers: the DPM-Solver++(2M) and UniPC schedulers that fastguide.solvers is checked against
+        "test": ["pytest", "pytest-benchmark", "triton; platform_system == \"Linux\"", "guided-diffusion-sdk",
+                 "diffusers"],
     },
     license="MIT",
     ext_modules=ext_modules,

@@ -51,6 +51,9 @@ def add_adm_sample_command(sub) -> None:
     p.add_argument("--policy", default="auto", choices=["auto", *sorted(POLICIES)],
                    help="guidance policy, its strength --classifier_scale (default: auto = eds with "
                    "--use_entropy_scale True, else ADM's constant scale)")  # fmt: skip
+    p.add_argument("--method", default="auto", choices=["auto", "ddim", "ddpm", "dpmpp2m", "unipc"],
+                   help="sampler: auto = ADM's (--use_ddim), or dpmpp2m (DPM-Solver++(2M)) / unipc (UniPC-bh2) on "
+                   "the chain --timestep_respacing gives, e.g. 15 (default: auto)")  # fmt: skip
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED + i (default: 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -68,6 +71,7 @@ class Plan:
     policy: str  # the resolved policy name
     seed: int
     precision: str
+    method: str  # the resolved sampler: ddim, ddpm, dpmpp2m or unipc
 
     @property
     def batches(self) -> list[range]:
@@ -106,7 +110,10 @@ def plan_of(args):
     if flags.classifier.image_size != m.image_size:
         raise ValueError(f"--image_size is {m.image_size} for the UNet but {flags.classifier.image_size} for the classifier")
     all_flags = {**dataclasses.asdict(m), **dataclasses.asdict(flags.classifier), **dataclasses.asdict(s)}
-    return Plan(all_flags, name, args.seed, args.precision), flags, policy
+    method = args.method if args.method != "auto" else ("ddim" if s.use_ddim else "ddpm")
+    if args.method in ("ddim", "ddpm") and (args.method == "ddim") != s.use_ddim:
+        raise ValueError(f"--method {args.method} contradicts --use_ddim {s.use_ddim}; give one of them")
+    return Plan(all_flags, name, args.seed, args.precision, method), flags, policy
 
 
 def labels_of(plan: Plan, num_classes: int) -> list[int]:
@@ -138,7 +145,7 @@ def run_adm_sample(args) -> None:
     from .train.distributed import init_distributed, kill_if_asked
 
     plan, flags, policy = plan_of(args)
-    config = SamplerConfig(method="ddim" if flags.sample.use_ddim else "ddpm", clip_denoised=flags.sample.clip_denoised,
+    config = SamplerConfig(method=plan.method, clip_denoised=flags.sample.clip_denoised,
                            compile=args.compile, precision=args.precision)  # fmt: skip
     out = check_output_folder(args.out)
     dist = init_distributed(args.device)
@@ -202,7 +209,7 @@ def _prepare(out: Path, shards: Path, plan: Plan) -> str:
         if earlier != json.loads(text):
             changed = sorted(k for k in {**earlier.get("flags", {}), **plan.flags}
                              if earlier.get("flags", {}).get(k) != plan.flags.get(k))  # fmt: skip
-            what = ", ".join(changed) or ", ".join(k for k in ("policy", "seed", "precision")
+            what = ", ".join(changed) or ", ".join(k for k in ("policy", "seed", "precision", "method")
                                                    if earlier.get(k) != getattr(plan, k))  # fmt: skip
             raise ValueError(f"{str(out)!r} holds a run with other settings ({what}); use another --out")
         if _final_path(out, plan).is_file() and not shards.exists():

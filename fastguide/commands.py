@@ -19,7 +19,9 @@ from pathlib import Path
 
 
 from .files import check_output_folder, nearest_existing
+from .generate import add_guidance_schedule_arguments, sampler_options
 from .guidance import POLICIES
+from .sampler import METHODS
 
 DEFAULT_OUT = "fastguide-out"
 MAX_GRAD_MAPS = 16  # samples in the gradient-map figure (its height grows with them)
@@ -56,9 +58,12 @@ def add_sample_command(sub) -> None:
                    help=f"γ for eds (default {DEFAULT_GAMMA}), s for constant, C/c for the others")  # fmt: skip
     p.add_argument("--threshold", type=float, default=None, help="gradient-norm policy: the norm bound M")
     p.add_argument("--t_max", type=int, default=None, help="constant-range policy: last t that gets c")
-    p.add_argument("--method", default="ddim", choices=["ddim", "ddpm"], help="sampler (default: ddim)")
-    p.add_argument("--respacing", default=None, help="ADM timestep_respacing (default: ddim25 / 250)")
+    p.add_argument("--method", default="ddim", choices=list(METHODS),
+                   help="sampler: ddim, ddpm, dpmpp2m (DPM-Solver++(2M)) or unipc (UniPC-bh2) (default: ddim)")  # fmt: skip
+    p.add_argument("--respacing", default=None,
+                   help="ADM timestep_respacing (default: ddim25 for ddim, 250 for ddpm, 15 for dpmpp2m and unipc)")  # fmt: skip
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
+    add_guidance_schedule_arguments(p)
     p.add_argument("--batch_size", type=int, default=100, help="samples per batch (default: 100)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     from .generate import add_fast_path_arguments
@@ -76,6 +81,7 @@ def _sample_plan(args) -> dict:
     from .adm.configs import ClassifierFlags, ModelFlags
     from .generate import CLASSIFIERS, DEFAULT_RESPACING, MODELS, build_policy, run_dir
     from .pretrained import run_flags
+    from .sampler import GuidedSampler, SamplerConfig
 
     flags = run_flags(run_dir(args.model, MODELS, "--model"))
     if not isinstance(flags, ModelFlags):
@@ -91,8 +97,12 @@ def _sample_plan(args) -> dict:
         for name, value, default in (("--scale", args.scale, None), ("--grad_maps", args.grad_maps, 0)):
             if value != default:
                 raise ValueError(f"{name} {value} has no effect with --policy none")
-    if args.method == "ddpm" and args.eta != 0:
-        raise ValueError(f"--eta {args.eta} applies to DDIM only; DDPM is ancestral sampling")
+    if args.method != "ddim" and args.eta != 0:
+        raise ValueError(f"--eta {args.eta} applies to --method ddim only, not {args.method}")
+    if not guided:
+        for name in ("guidance_every", "guidance_interval"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name} {getattr(args, name)} has no effect with --policy none")
     if args.classes == "all":
         classes = list(range(num_classes))
     else:
@@ -121,7 +131,11 @@ def _sample_plan(args) -> dict:
             raise ValueError(f"seed {s} is not in [0, 2**63)")
     strength = args.scale if args.scale is not None or args.policy != "eds" else DEFAULT_GAMMA
     policy = build_policy(args.policy, strength, args.threshold, args.t_max)
-    flags.schedule(DEFAULT_RESPACING[args.method] if args.respacing is None else args.respacing)
+    schedule = flags.schedule(DEFAULT_RESPACING[args.method] if args.respacing is None else args.respacing)
+    options = sampler_options(args)
+    config = SamplerConfig(method=args.method, eta=args.eta, **options)  # checks the sampler's settings
+    if guided and "guidance_interval" in options:  # the interval must hold a step of this chain
+        GuidedSampler(lambda x, t: x, lambda x, t: x, schedule, policy, config).guidance_plan()
     return dict(labels=labels, seeds=seeds, policy=policy, classes=classes, num_classes=num_classes)
 
 
@@ -193,15 +207,16 @@ def run_sample(args) -> None:
     from .plots import _pyplot, save_grad_maps, save_grid, save_trace_plot
     from .sampler import SamplerConfig
 
-    SamplerConfig(method=args.method, eta=args.eta)  # checks eta
     plan = _sample_plan(args)
+    extra = sampler_options(args)
     device = resolve_device(args.device)
     out = check_output_folder(args.out)
     _pyplot()  # the plots' dependency, before any work
     start = time.perf_counter()
     guided = args.policy != "none"
     nets = load_networks(args.model, args.classifier if guided else None, device)
-    sampler = make_sampler(nets, plan["policy"], args.method, args.respacing, args.eta, args.compile, args.precision)
+    sampler = make_sampler(nets, plan["policy"], args.method, args.respacing, args.eta, args.compile, args.precision,
+                           **extra)  # fmt: skip
     n_steps = sampler.schedule.num_steps
     m = min(args.grad_maps, len(plan["labels"]))
     map_steps = sorted({round(i * (n_steps - 1) / (GRAD_MAP_STEPS - 1)) for i in range(GRAD_MAP_STEPS)}) if m else []
@@ -211,7 +226,7 @@ def run_sample(args) -> None:
     baseline = None
     if map_steps:  # Fig. 4 compares with ADM's constant scale 1 on the same seeds
         base_sampler = make_sampler(nets, build_policy("constant", 1.0), args.method, args.respacing, args.eta,
-                                    args.compile, args.precision)  # fmt: skip
+                                    args.compile, args.precision, **extra)  # fmt: skip
         baseline = generate(base_sampler, plan["labels"][:m], plan["seeds"][:m], args.batch_size, device,
                             progress=False, grad_map_steps=map_steps, grad_map_samples=m)  # fmt: skip
     what = (f"{args.model} UNet, {args.classifier} classifier, {plan['policy']!r}, {args.method} "

@@ -27,7 +27,7 @@ from .schedule import Schedule
 
 MODELS = {"cond": "cadm", "uncond": "uadm"}
 CLASSIFIERS = {"ect": "classifier_ect", "ce": "classifier_ce"}
-DEFAULT_RESPACING = {"ddim": "ddim25", "ddpm": "250"}
+DEFAULT_RESPACING = {"ddim": "ddim25", "ddpm": "250", "dpmpp2m": "15", "unipc": "15"}
 
 
 def add_fast_path_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +39,38 @@ def add_fast_path_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "float32", "bfloat16", "float16"],
                    help="the networks' precision, the rest stays float32 (default: auto = bfloat16 on CUDA, "
                    "float32 on the CPU)")  # fmt: skip
+
+
+def add_guidance_schedule_arguments(p: argparse.ArgumentParser) -> None:
+    """--guidance_every, --guidance_interval and --dynamic_threshold (:class:`SamplerConfig`; read back by
+    :func:`sampler_options`)."""
+    p.add_argument("--guidance_every", type=int, default=None, metavar="K",
+                   help="call the classifier at every K-th step only, reusing its last scale and gradient "
+                   "between (default: 1 = every step)")  # fmt: skip
+    p.add_argument("--guidance_interval", default=None, metavar="LO,HI",
+                   help="guide only at original timesteps LO..HI (inclusive; default: all)")  # fmt: skip
+    p.add_argument("--dynamic_threshold", type=float, default=None, metavar="Q",
+                   help="dpmpp2m/unipc: threshold x0 at the Q quantile of |x0| (Imagen; at most 1.5) instead of "
+                   "clipping to [-1, 1] (default: clip)")  # fmt: skip
+
+
+def sampler_options(args: argparse.Namespace) -> dict:
+    """The :class:`SamplerConfig` fields that :func:`add_guidance_schedule_arguments` sets, as given."""
+    options = {}
+    if args.guidance_every is not None:
+        options["guidance_every"] = args.guidance_every
+    if args.guidance_interval is not None:
+        parts = args.guidance_interval.split(",")
+        try:
+            options["guidance_interval"] = tuple(int(v) for v in parts)
+        except ValueError:
+            raise ValueError(f"--guidance_interval must be LO,HI (two original timesteps), got "
+                             f"{args.guidance_interval!r}") from None  # fmt: skip
+        if len(parts) != 2:
+            raise ValueError(f"--guidance_interval must be LO,HI (two original timesteps), got {args.guidance_interval!r}")
+    if args.dynamic_threshold is not None:
+        options["dynamic_threshold"] = args.dynamic_threshold
+    return options
 
 
 def build_policy(name: str, strength: float | None = None, threshold: float | None = None,
@@ -130,12 +162,12 @@ class Generated:
 
 
 def make_sampler(nets: Networks, policy: GuidancePolicy, method: str = "ddim", respacing: str | None = None,
-                 eta: float = 0.0, compile: bool | None = None, precision: str = "auto") -> GuidedSampler:  # fmt: skip
-    """A sampler of ``nets`` (see :class:`SamplerConfig` for ``compile`` and ``precision``; None / "auto":
-    the fast path on CUDA, eager float32 on the CPU)."""
+                 eta: float = 0.0, compile: bool | None = None, precision: str = "auto", **options) -> GuidedSampler:  # fmt: skip
+    """A sampler of ``nets`` (see :class:`SamplerConfig` for ``compile``, ``precision`` and the ``options``;
+    None / "auto": the fast path on CUDA, eager float32 on the CPU)."""
     respacing = DEFAULT_RESPACING[method] if respacing is None and method in DEFAULT_RESPACING else respacing
     schedule: Schedule = nets.flags.schedule(respacing)
-    config = SamplerConfig(method=method, eta=eta, compile=compile, precision=precision)
+    config = SamplerConfig(method=method, eta=eta, compile=compile, precision=precision, **options)
     return GuidedSampler(nets.model, None if isinstance(policy, NoGuidance) else nets.classifier, schedule, policy,
                          config)  # fmt: skip
 

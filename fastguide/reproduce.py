@@ -30,9 +30,10 @@ from .generate import DEFAULT_RESPACING, add_fast_path_arguments
 
 MODELS = ("uncond", "cond")
 CLASSIFIERS = ("ce", "ect")
-SAMPLERS = ("ddim", "ddpm")
-RESPACING = DEFAULT_RESPACING  # the paper's DDIM-25 and DDPM-250
-QUICK_RESPACING = {"ddim": "ddim10", "ddpm": "25"}
+SAMPLERS = ("ddim", "ddpm")  # the paper's grid; the multistep solvers can be added (--samplers)
+METHOD_CHOICES = ("ddim", "ddpm", "dpmpp2m", "unipc")
+RESPACING = DEFAULT_RESPACING  # the paper's DDIM-25 and DDPM-250; 15 steps for DPM-Solver++(2M) and UniPC
+QUICK_RESPACING = {"ddim": "ddim10", "ddpm": "25", "dpmpp2m": "10", "unipc": "10"}
 POLICY_ORDER = ("none", "constant", "constant-range", "timestep-aware", "gradient-norm", "eds")
 
 # strengths swept per policy: s (constant), c (constant-range with base s = 1, t <= 700; gradient-norm
@@ -95,7 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="fewer samples and sweep points: the whole grid in < 15 min on 2 CPU cores")  # fmt: skip
     p.add_argument("--num_samples", type=int, default=None, help="samples per run (default: 150; --quick: 100)")
-    p.add_argument("--samplers", default=",".join(SAMPLERS), help=f"comma list of {list(SAMPLERS)}")
+    p.add_argument("--samplers", "--method", dest="samplers", default=",".join(SAMPLERS),
+                   help=f"comma list of {list(METHOD_CHOICES)} (default: {','.join(SAMPLERS)})")  # fmt: skip
     p.add_argument("--ddim_respacing", default=None, help="respacing of the DDIM runs (default: ddim25; --quick: ddim10)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
     p.add_argument("--classifiers", default=",".join(CLASSIFIERS), help=f"comma list of {list(CLASSIFIERS)}")
@@ -103,6 +105,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma list of {list(POLICY_ORDER)} (none: the unguided baseline; default: all)")  # fmt: skip
     p.add_argument("--ddpm_respacing", default=None,
                    help="respacing of the DDPM runs (default: 250; --quick: 25)")  # fmt: skip
+    p.add_argument("--solver_respacing", default=None,
+                   help="respacing of the dpmpp2m and unipc runs (default: 15; --quick: 10)")  # fmt: skip
     p.add_argument("--batch_size", type=int, default=250, help="samples per batch (default: 250)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.csv")
@@ -209,7 +213,7 @@ def run(args: argparse.Namespace) -> None:
 
     models = _choices(args.models, MODELS, "model")
     classifiers = _choices(args.classifiers, CLASSIFIERS, "classifier")
-    samplers = _choices(args.samplers, SAMPLERS, "sampler")
+    samplers = _choices(args.samplers, METHOD_CHOICES, "sampler")
     policies = _choices(args.policies, POLICY_ORDER, "policy")
     n = args.num_samples if args.num_samples is not None else (100 if args.quick else 150)
     if n < 10:
@@ -217,7 +221,8 @@ def run(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
     defaults = QUICK_RESPACING if args.quick else RESPACING
-    given = {"ddim": args.ddim_respacing, "ddpm": args.ddpm_respacing}  # "" is ADM's: every step
+    given = {"ddim": args.ddim_respacing, "ddpm": args.ddpm_respacing, "dpmpp2m": args.solver_respacing,
+             "unipc": args.solver_respacing}  # "" is ADM's: every step  # fmt: skip
     respacing = {m: defaults[m] if given[m] is None else given[m] for m in given}
     steps = {m: Schedule.create("linear", 1000, respacing[m]).num_steps for m in samplers}  # checks respacing
     names = {method: f"{method}-{steps[method]}" for method in samplers}

@@ -1,4 +1,4 @@
-"""``GuidedSampler``: classifier-guided DDPM/DDIM sampling with EDS and the paper's ablation policies.
+"""``GuidedSampler``: classifier-guided DDPM/DDIM/DPM-Solver++/UniPC sampling with EDS and the paper's policies.
 
 One step is the data flow of the paper's Fig. 2::
 
@@ -32,18 +32,23 @@ from .diffusion import DDIM_GUIDANCE, VARIANCES, StepOutput
 from .guidance import EntropyDriven, GuidancePolicy, NoGuidance
 from .noise import FixedNoise, GlobalNoise, PerSampleNoise
 from .schedule import Schedule
-from .step import StepRecord, StepSpec, StepTables, first_fault, guided_step, nonfinite_code
+from .solvers import MULTISTEP, Carry
+from .step import StepRecord, StepSpec, StepTables, first_fault, guidance_plan, guided_step, nonfinite_code
 
-METHODS = ("ddpm", "ddim")
+METHODS = ("ddpm", "ddim", *MULTISTEP)
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     """How to sample (everything but the networks, the schedule and the policy)."""
 
-    method: str = "ddim"  # "ddpm" (ancestral) or "ddim"
+    method: str = "ddim"  # "ddpm" (ancestral), "ddim", "dpmpp2m" (DPM-Solver++(2M)) or "unipc" (UniPC-bh2)
     eta: float = 0.0  # DDIM stochasticity; 0 = deterministic
     clip_denoised: bool = True  # clip x̂_0 to [-1, 1]
+    dynamic_threshold: float | None = None  # dpmpp2m/unipc: threshold x̂0 at this quantile of |x̂0| (Imagen)
+    threshold_max: float = 1.5  # the largest dynamic threshold (it is clamped to [1, threshold_max])
+    guidance_interval: tuple[int, int] | None = None  # call the classifier only at original t in [lo, hi]
+    guidance_every: int = 1  # call it at every k-th of those steps, reusing the last scale and gradient between
     variance: str = "auto"  # DDPM variance: auto | learned_range | learned | fixed_small | fixed_large
     ddim_guidance: str = "adm"  # "adm": ε − sqrt(1−ᾱ)·s∇ (ADM, EDS release); "paper": ε − s∇ (Alg. 1)
     check_finite: bool = True  # raise on NaN/inf from the networks (read once, after the loop); scales always
@@ -59,6 +64,27 @@ class SamplerConfig:
         if not (math.isfinite(self.eta) and 0 <= self.eta <= 1):
             # eta > 1 makes 1 − ᾱ_{t−1} − σ² negative in the DDIM update
             raise ValueError(f"eta must be in [0, 1], got {self.eta!r}")
+        if self.eta != 0 and self.method != "ddim":
+            raise ValueError(f"eta={self.eta!r} applies to method 'ddim' only, not {self.method!r}")
+        if self.dynamic_threshold is not None:
+            if self.method not in MULTISTEP:
+                raise ValueError(f"dynamic_threshold applies to {MULTISTEP}, not method {self.method!r}")
+            if not (isinstance(self.dynamic_threshold, (int, float)) and 0 < self.dynamic_threshold <= 1):
+                raise ValueError(f"dynamic_threshold must be a quantile in (0, 1], got {self.dynamic_threshold!r}")
+        if not (isinstance(self.threshold_max, (int, float)) and math.isfinite(self.threshold_max)
+                and self.threshold_max >= 1):  # fmt: skip
+            raise ValueError(f"threshold_max must be a finite number >= 1, got {self.threshold_max!r}")
+        if self.guidance_interval is not None:
+            lo_hi = tuple(self.guidance_interval)
+            if len(lo_hi) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in lo_hi) or not (
+                    0 <= lo_hi[0] <= lo_hi[1]):  # fmt: skip
+                raise ValueError(
+                    f"guidance_interval must be two original timesteps (lo, hi) with 0 <= lo <= hi, got "
+                    f"{self.guidance_interval!r}")  # fmt: skip
+            object.__setattr__(self, "guidance_interval", lo_hi)
+        if not (isinstance(self.guidance_every, int) and not isinstance(self.guidance_every, bool)
+                and self.guidance_every >= 1):  # fmt: skip
+            raise ValueError(f"guidance_every must be an integer >= 1, got {self.guidance_every!r}")
         if self.variance != "auto" and self.variance not in VARIANCES:
             raise ValueError(f"unknown variance {self.variance!r}; expected 'auto' or one of {VARIANCES}")
         if self.ddim_guidance not in DDIM_GUIDANCE:
@@ -269,7 +295,9 @@ class GuidedSampler:
         b = x.shape[0]
         ones = torch.ones(b, device=x.device)
         coefs = self.schedule.coefficients(torch.zeros(b, dtype=torch.long, device=x.device))
-        if cfg.method == "ddim":
+        if cfg.method in MULTISTEP:
+            update = None  # the solvers' update is plain torch (fastguide.solvers), fused by torch.compile
+        elif cfg.method == "ddim":
             update = ops.resolve("guided_ddim_update", x, x, x, ones, x, coefs, ones, cfg.eta, True, False)
         else:
             update = ops.resolve("guided_ddpm_update", x, x, x, x, ones, x, coefs, ones, 0, True)
@@ -283,7 +311,7 @@ class GuidedSampler:
             eta=cfg.eta, clip_denoised=cfg.clip_denoised, variance=cfg.variance,
             paper_form=cfg.ddim_guidance == "paper", check_finite=cfg.check_finite, num_classes=self.num_classes,
             entropy_op=entropy, update_op=update, autocast=fast.autocast, channels_last=fast.channels_last,
-            cond_fn=self.cond_fn,
+            cond_fn=self.cond_fn, dynamic_threshold=cfg.dynamic_threshold, threshold_max=cfg.threshold_max,
         )  # fmt: skip
 
     def _runner(self, x: torch.Tensor) -> _Runner:
@@ -291,7 +319,8 @@ class GuidedSampler:
         fast = self.config.fast_path(x.device)
         key = (x.device, tuple(x.shape), ops.forced_backend(), fast)
         if key not in self._runners:
-            self._runners[key] = _Runner(self._spec(x, fast), StepTables.of(self.schedule, x.device), fast)
+            tables = StepTables.of(self.schedule, x.device, self.config.method)
+            self._runners[key] = _Runner(self._spec(x, fast), tables, fast)
         return self._runners[key]
 
     def step(
@@ -300,10 +329,15 @@ class GuidedSampler:
         """One guided step from respaced indices ``index`` (B,) (samples may sit at different steps), eagerly.
 
         Returns the update's output and the step's diagnostics; raises FloatingPointError (naming ``step``)
-        for a non-finite value, as :meth:`sample` does after its loop.
+        for a non-finite value, as :meth:`sample` does after its loop. DDPM and DDIM only: a multistep
+        solver's step depends on the steps before it (use :meth:`sample` or :meth:`steps`).
         """
+        if self.config.method in MULTISTEP:
+            raise ValueError(
+                f"step() takes one step from any index, which the multistep solver {self.config.method!r} cannot "
+                "(it needs the previous steps): use sample() or steps()")  # fmt: skip
         y = y.to(x.device)
-        out, record, status = self._runner(x).eager(x, index.to(x.device), y, noise, int(y.max()))
+        out, record, status, _ = self._runner(x).eager(x, index.to(x.device), y, noise, int(y.max()))
         fault = first_fault([status], lambda k, b: int(record.t[b]), first_step=step)
         if fault is not None:
             raise FloatingPointError(fault)
@@ -363,6 +397,7 @@ class GuidedSampler:
         source = self._noise_source(seeds, noise, device)
         needs_noise = self.config.method == "ddpm" or self.config.eta > 0
         n = self.schedule.num_steps
+        plan = self.guidance_plan()
         records, statuses = [], []
         progress = _progress(n, self.config.progress)
         # the classifier's gradient needs autograd, even inside inference_mode (entered per step: the
@@ -370,11 +405,12 @@ class GuidedSampler:
         with torch.inference_mode(False):
             x = source.initial().to(device)
             runner = self._runner(x)
+            carry = Carry.zeros(x)
         for k in range(n):
             with torch.inference_mode(False):
                 index = runner.index(n - 1 - k, len(y))
                 z = source.step(k).to(device) if needs_noise else None
-                out, record, status = runner(x, index, y, z, max_label if k == 0 else -1)
+                out, record, status, carry = runner(x, index, y, z, max_label if k == 0 else -1, carry, plan[k])
             x = out.x_prev
             records.append(record)
             statuses.append(status)
@@ -389,6 +425,21 @@ class GuidedSampler:
         trace = _stack(records)
         self._warn_entropy_floor(trace)
         return SampleResult(x, y, trace)
+
+    def guidance_plan(self) -> list[str]:
+        """What each step (noisiest first) does with the classifier: "call", "reuse" the last scale and
+        gradient, or "off" (:func:`fastguide.step.guidance_plan`, from ``guidance_interval`` and
+        ``guidance_every``); all "call" without them or without a classifier."""
+        n, cfg = self.schedule.num_steps, self.config
+        if self.classifier is None:
+            return ["call"] * n
+        timesteps = [self._t_at(k) for k in range(n)]
+        plan = guidance_plan(timesteps, cfg.guidance_interval, cfg.guidance_every)
+        if "call" not in plan:
+            raise ValueError(
+                f"guidance_interval {cfg.guidance_interval} contains none of the chain's timesteps "
+                f"({timesteps[-1]}..{timesteps[0]}): the classifier would never be called")  # fmt: skip
+        return plan
 
     def _warn_entropy_floor(self, trace: SamplingTrace) -> None:
         """Once per run, where an entropy fell below the EDS floor (the scale is then γ·log K / floor)."""
@@ -424,19 +475,23 @@ class _Runner:
         self.spec, self.tables, self.fast = spec, tables, fast
         self.validated = False
         self.max_label_checked = -1  # labels up to this one are known to be among the classifier's classes
-        self.compiled = None
+        # one compiled step per guidance action ("call", "reuse", "off"): each its own graph, none a recompilation
+        self.compiled: dict[str, Callable] | None = {} if fast.compile else None
         self.graphs_refused = False  # said that CUDA graphs cannot be captured
         self._indices: dict[tuple[int, int], torch.Tensor] = {}
-        if fast.compile:
-            mode = "reduce-overhead" if fast.cuda_graphs else None
+
+    def _compiled(self, guidance: str) -> Callable:
+        if guidance not in self.compiled:
+            mode = "reduce-overhead" if self.fast.cuda_graphs else None
             # FASTGUIDE_COMPILE_BACKEND=aot_eager traces exactly as inductor does, without its code generation
             backend = os.environ.get("FASTGUIDE_COMPILE_BACKEND", "inductor")
-            step = _own_code(_step_of(spec, tables))
-            self.compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+            step = _own_code(_step_of(self.spec, self.tables, guidance))
+            self.compiled[guidance] = torch.compile(step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+        return self.compiled[guidance]
 
-    def eager(self, x, index, y, noise, max_label: int | None = None):
+    def eager(self, x, index, y, noise, max_label: int | None = None, carry=None, guidance: str = "call"):
         """The step run eagerly; with ``max_label``, the labels are checked against the classifier's logits."""
-        out = guided_step(self.spec, self.tables, x, index, y, noise, max_label)
+        out = guided_step(self.spec, self.tables, x, index, y, noise, max_label, carry, guidance)
         if max_label is not None:
             self.max_label_checked = max(self.max_label_checked, max_label)
         return out
@@ -448,18 +503,18 @@ class _Runner:
             self._indices[key] = torch.full((batch,), i, dtype=torch.long, device=self.tables.coefs.device)
         return self._indices[key]
 
-    def __call__(self, x, index, y, noise, max_label: int):
+    def __call__(self, x, index, y, noise, max_label: int, carry: Carry, guidance: str = "call"):
         if self.compiled is None or not self.validated or max_label > self.max_label_checked:
             self.validated = True
-            return self.eager(x, index, y, noise, max_label)
+            return self.eager(x, index, y, noise, max_label, carry, guidance)
         try:
             with torch._dynamo.config.patch(trace_autograd_ops=True), _cudagraph_skips() as skips:
-                out = self.compiled(x, index, y, noise)  # autograd.grad inside the graph
+                out = self._compiled(guidance)(x, index, y, noise, carry)  # autograd.grad inside the graph
         except _COMPILE_REFUSALS as err:
             reason = " ".join(str(err).split())[:300]
             warnings.warn(f"the guided step cannot be compiled, so it runs eagerly: {reason}", stacklevel=3)
             self.compiled = None
-            return guided_step(self.spec, self.tables, x, index, y, noise)
+            return guided_step(self.spec, self.tables, x, index, y, noise, None, carry, guidance)
         if self.fast.cuda_graphs and skips and not self.graphs_refused:
             self.graphs_refused = True
             warnings.warn(f"the guided step runs compiled without CUDA graphs: {skips[0]}", stacklevel=3)
@@ -488,9 +543,9 @@ def _cudagraph_skips():
         cudagraphs_log.removeHandler(handler)
 
 
-def _step_of(spec: StepSpec, tables: StepTables) -> Callable:
-    def step(x, index, y, noise):
-        return guided_step(spec, tables, x, index, y, noise)
+def _step_of(spec: StepSpec, tables: StepTables, guidance: str) -> Callable:
+    def step(x, index, y, noise, carry):
+        return guided_step(spec, tables, x, index, y, noise, None, carry, guidance)
 
     return step
 

@@ -25,12 +25,16 @@ from torch import nn
 from .diffusion import StepOutput
 from .guidance import EntropyDriven, GuidanceState
 from .kernels.reference import VARIANCE_CODES
-from .schedule import Schedule
+from .schedule import Schedule, StepCoefficients
+from .solvers import MULTISTEP, Carry, multistep_table, multistep_update
 
 # what each row of a step's status tensor reports (in the order a fault is looked for within a step)
 CHECKS = ("eps-model output", "classifier logits", "guidance scale", "classifier gradient")
 NONFINITE = {1: "nan", 2: "inf", 3: "-inf"}  # status codes of a tensor's non-finite values
 LOGIT_FAULTS = {1: "nan", 2: "inf", 3: "-inf for every class"}  # status codes of a row of logits
+GUIDANCE_ACTIONS = ("call", "reuse", "off")  # what a step does with the classifier (guidance_plan)
+_RECIP = StepCoefficients._fields.index("sqrt_recip_alpha_bar")
+_RECIPM1 = StepCoefficients._fields.index("sqrt_recipm1_alpha_bar")
 
 
 class StepRecord(NamedTuple):
@@ -49,14 +53,16 @@ class StepTables(NamedTuple):
     coefs: torch.Tensor  # (N, NUM_COEFS) float32 coefficient rows (kernels.reference.COEF_FIELDS)
     t_model: torch.Tensor  # (N,) what the networks see (original t, or rescaled to 0..1000)
     t_orig: torch.Tensor  # (N,) int64 original timesteps
+    solver: torch.Tensor | None = None  # (N, len(SOLVER_FIELDS)) multistep coefficient rows (solvers.py)
 
     @classmethod
-    def of(cls, schedule: Schedule, device: torch.device) -> StepTables:
+    def of(cls, schedule: Schedule, device: torch.device, method: str = "ddim") -> StepTables:
         every = torch.arange(schedule.num_steps)
         return cls(
             schedule.coefficients(every).to(device),
             schedule.model_timesteps(every).to(device),
             schedule.original_timesteps(every).to(device),
+            multistep_table(schedule, method).to(device) if method in MULTISTEP else None,
         )
 
 
@@ -69,7 +75,7 @@ class StepSpec:
     policy: Callable[[GuidanceState], torch.Tensor]  # guidance-scale policy
     num_timesteps: int  # T of the original schedule (for the policies)
     class_cond: bool  # whether the eps-model takes y
-    method: str  # "ddpm" or "ddim"
+    method: str  # "ddpm", "ddim", or a multistep solver ("dpmpp2m", "unipc")
     eta: float  # DDIM stochasticity
     clip_denoised: bool  # clip x̂0 to [-1, 1]
     variance: str  # DDPM variance, or "auto" (learned range for 2C outputs, else fixed large)
@@ -82,6 +88,8 @@ class StepSpec:
     channels_last: bool = False  # feed the networks channels-last images
     cond_fn: Callable[..., torch.Tensor] | None = None  # instead of classifier and policy: ADM's cond_fn
     #   (x, t, y=) -> s·∇x log p(y|x_t), applied with scale 1 as ADM's loops apply it
+    dynamic_threshold: float | None = None  # multistep solvers: dynamic thresholding's quantile of |x̂0|
+    threshold_max: float = 1.0  # its largest threshold
 
 
 def _networks(spec: StepSpec, x: torch.Tensor):
@@ -180,24 +188,38 @@ def guidance_pass(
 
 def guided_step(
     spec: StepSpec, tables: StepTables, x: torch.Tensor, index: torch.Tensor, y: torch.Tensor,
-    noise: torch.Tensor | None, max_label: int | None = None,
-) -> tuple[StepOutput, StepRecord, torch.Tensor]:  # fmt: skip
+    noise: torch.Tensor | None, max_label: int | None = None, carry: Carry | None = None, guidance: str = "call",
+) -> tuple[StepOutput, StepRecord, torch.Tensor, Carry]:  # fmt: skip
     """One guided step of every sample from its respaced index ``index`` (B,) (samples may differ).
 
     Args:
         x: (B, C, H, W) float32 x_t.  y: (B,) int64 target classes.
         noise: (B, C, H, W) standard normal noise (DDPM, or DDIM with eta > 0), else None.
         max_label: the largest of y, to check against the classifier's logits (eager calls; None: skip).
+        carry: what the previous step handed on (:class:`~fastguide.solvers.Carry`; zeros at the first
+            step): the multistep solvers' history and the last guidance. None: zeros.
+        guidance: ``"call"`` the classifier, ``"reuse"`` the carried scale and gradient, or ``"off"`` (no
+            guidance at this step) (:func:`guidance_plan`). Only "call" applies to unguided or cond_fn steps.
     Returns:
-        (StepOutput(x_{t−1}, x̂0), StepRecord, status): status is (len(CHECKS), B) int8, nonzero where a
-        check failed (:func:`nonfinite_code`, :func:`logits_code`); nothing is raised for values.
+        (StepOutput(x_{t−1}, x̂0), StepRecord, status, carry): status is (len(CHECKS), B) int8, nonzero where
+        a check failed (:func:`nonfinite_code`, :func:`logits_code`); nothing is raised for values.
     """
+    if guidance not in GUIDANCE_ACTIONS:
+        raise ValueError(f"unknown guidance action {guidance!r}; expected one of {GUIDANCE_ACTIONS}")
     coefs, t_model, t_orig = tables.coefs[index], tables.t_model[index], tables.t_orig[index]
+    carry = Carry.zeros(x) if carry is None else carry
     nonzero = (index != 0).float()
     eps, v, raw = eps_and_v(spec, x, t_model, y)
     zeros = torch.zeros(x.shape[0], dtype=torch.int8, device=x.device)
     eps_status = nonfinite_code(raw) if spec.check_finite else zeros
-    if spec.cond_fn is not None:  # an ADM cond_fn gives the scaled gradient: applied with s = 1
+    if spec.classifier is not None and guidance != "call":  # the classifier is not called at this step
+        scale = carry.scale if guidance == "reuse" else torch.zeros_like(carry.scale)
+        grad = carry.grad if guidance == "reuse" else None
+        unknown = torch.full_like(scale, math.nan)
+        record = StepRecord(t_orig, unknown, scale, unknown, unknown)
+        status = torch.stack([eps_status, zeros, zeros, zeros])
+        scale = scale if guidance == "reuse" else None
+    elif spec.cond_fn is not None:  # an ADM cond_fn gives the scaled gradient: applied with s = 1
         with _networks(spec, x)[1]:  # its classifier under the networks' autocast
             grad = spec.cond_fn(x, t_model, y=y).float()
         scale = torch.ones(x.shape[0], device=x.device)
@@ -216,7 +238,19 @@ def guided_step(
         grad_status = nonfinite_code(grad) if spec.check_finite else zeros
         record = StepRecord(t_orig, fused.entropy, scale, grad_norm, fused.log_prob.exp())
         status = torch.stack([eps_status, logit_status.to(torch.int8), scale_status, grad_status])
-    if spec.method == "ddim":
+    if grad is not None and guidance == "call":
+        carry = carry._replace(scale=scale, grad=grad)
+    if spec.method in MULTISTEP:
+        if grad is not None:
+            sigma = coefs[:, _RECIPM1] / coefs[:, _RECIP]  # sqrt(1 − ᾱ), without cancellation
+            weight = scale if spec.paper_form else scale * sigma
+            eps = eps - weight.view(-1, 1, 1, 1) * grad
+        x_prev, xstart, corrected = multistep_update(
+            x, eps, (coefs[:, _RECIP].view(-1, 1, 1, 1), coefs[:, _RECIPM1].view(-1, 1, 1, 1)), tables.solver[index],
+            carry, spec.clip_denoised, spec.dynamic_threshold, spec.threshold_max,
+        )  # fmt: skip
+        carry = carry._replace(d1=xstart, d2=carry.d1, x_last=corrected)
+    elif spec.method == "ddim":
         x_prev, xstart = spec.update_op(
             x, eps, grad, scale, noise, coefs, nonzero, spec.eta, spec.clip_denoised, spec.paper_form
         )
@@ -227,7 +261,22 @@ def guided_step(
         x_prev, xstart = spec.update_op(
             x, eps, v, grad, scale, noise, coefs, nonzero, VARIANCE_CODES[variance], spec.clip_denoised
         )
-    return StepOutput(x_prev, xstart), record, status
+    return StepOutput(x_prev, xstart), record, status, carry
+
+
+def guidance_plan(timesteps: list[int], interval: tuple[int, int] | None, every: int) -> list[str]:
+    """What each step does with the classifier (:data:`GUIDANCE_ACTIONS`), for the original timesteps of
+    the steps in order: "call" it inside ``interval`` (inclusive original timesteps; None: everywhere) at
+    the first step and every ``every``-th after, "reuse" the last scale and gradient at the steps between,
+    "off" (no guidance) outside."""
+    plan, inside = [], 0
+    for t in timesteps:
+        if interval is not None and not interval[0] <= t <= interval[1]:
+            plan.append("off")
+            continue
+        plan.append("call" if inside % every == 0 else "reuse")
+        inside += 1
+    return plan
 
 
 def first_fault(

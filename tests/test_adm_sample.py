@@ -133,3 +133,25 @@ def test_sample_and_reproduce_refuse_to_run_on_several_ranks(tmp_path, monkeypat
         err = capsys.readouterr().err
         assert "torchrun started 2" in err and "fastguide adm-sample" in err and err.count("\n") == 1
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("method", ["dpmpp2m", "unipc"])
+def test_method_runs_fastguides_multistep_solver_on_adms_chain(tmp_path, checkpoints, method):
+    run = [*RUN[:RUN.index("--use_ddim")], "--use_ddim", "False", *RUN[RUN.index("--use_ddim") + 2:]]
+    assert main(["adm-sample", *FLAGS, *checkpoints, *run, "--out", str(tmp_path), "--method", method]) == 0
+    images, labels = load(tmp_path / NPZ)
+    flags = parse_flags(FLAGS)
+    unet = fg.adm.load_checkpoint(flags.model.build(), checkpoints[1]).eval()
+    classifier = fg.adm.load_checkpoint(flags.classifier.build(), checkpoints[3]).eval()
+    sampler = fg.GuidedSampler(unet, classifier, fg.Schedule.create("linear", 1000, "ddim4"), fg.EntropyDriven(2.0),
+                               fg.SamplerConfig(method=method))  # fmt: skip
+    want = fg.to_uint8(sampler.sample(labels[:2].tolist(), seeds=[0, 1]).images).numpy()
+    assert np.array_equal(images[:2], want)
+    # the method is part of the run's settings
+    assert main(["adm-sample", *FLAGS, *checkpoints, *run, "--out", str(tmp_path)]) == 2
+
+
+def test_method_that_contradicts_use_ddim_is_refused(tmp_path, checkpoints, capsys):
+    assert cli(["adm-sample", *FLAGS, *checkpoints, *RUN, "--out", str(tmp_path / "o"), "--method", "ddpm"]) == 2
+    assert "--method ddpm contradicts --use_ddim True" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -70,6 +70,13 @@ def test_sample_is_the_library_sampler_with_the_same_seeds(tmp_path):
         (["--model", "nowhere"], "'nowhere' is neither"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
         (["--threshold", "1"], "threshold applies to the gradient-norm policy only"),
+        (["--guidance_every", "0"], "guidance_every must be an integer >= 1, got 0"),
+        (["--guidance_interval", "700"], "--guidance_interval must be LO,HI (two original timesteps), got '700'"),
+        (["--guidance_interval", "a,b"], "--guidance_interval must be LO,HI"),
+        (["--guidance_interval", "900,100"], "guidance_interval must be two original timesteps (lo, hi) with 0 <= lo"),
+        (["--guidance_interval", "980,990"], "guidance_interval (980, 990) contains none of the chain's timesteps"),
+        (["--method", "unipc", "--dynamic_threshold", "2"], "dynamic_threshold must be a quantile in (0, 1], got 2.0"),
+        (["--dynamic_threshold", "0.99"], "dynamic_threshold applies to ('dpmpp2m', 'unipc'), not method 'ddim'"),
     ],
 )
 def test_bad_sample_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
@@ -79,6 +86,23 @@ def test_bad_sample_input_is_one_line_and_writes_nothing(tmp_path, capsys, args,
     err = capsys.readouterr().err
     assert err.startswith("fastguide sample: error: ") and message in err and err.count("\n") == 1
     assert not out.exists() and _files(tmp_path) == []
+
+
+@pytest.mark.parametrize("method", ["dpmpp2m", "unipc"])
+def test_sample_with_a_multistep_solver_and_guidance_every_k_is_the_library_sampler(tmp_path, method):
+    out = tmp_path / "o"
+    assert main(["sample", "--out", str(out), *TINY, "--method", method, "--respacing", "6", "--guidance_every", "2",
+                 "--guidance_interval", "200,999", "--dynamic_threshold", "0.99"]) == 0  # fmt: skip
+    run = json.loads((out / "run.json").read_text())
+    assert f"{method} 6 steps" in run["what"]
+    with np.load(out / "samples_4x32x32x1.npz") as data:
+        cli_images = data["arr_0"]
+    nets = load_networks("cond", "ect", torch.device("cpu"))
+    sampler = make_sampler(nets, EntropyDriven(gamma=3.0), method, "6", guidance_every=2, guidance_interval=(200, 999),
+                           dynamic_threshold=0.99)  # fmt: skip
+    assert sampler.guidance_plan() == ["call", "reuse", "call", "reuse", "call", "off"]
+    gen = generate(sampler, [0, 0, 7, 7], [0, 1, 2, 3], batch_size=4, device=torch.device("cpu"), progress=False)
+    assert np.array_equal(gen.images, cli_images)
 
 
 def test_unwritable_output_folder_is_one_line_and_writes_nothing(tmp_path, capsys):
@@ -109,7 +133,9 @@ def test_argparse_errors_are_one_line_too(tmp_path, capsys, args):
     [
         (["--policy", "none", "--grad_maps", "2"], "--grad_maps 2 has no effect with --policy none"),
         (["--policy", "none", "--scale", "3"], "--scale 3.0 has no effect"),
-        (["--method", "ddpm", "--eta", "0.5"], "--eta 0.5 applies to DDIM only"),
+        (["--method", "ddpm", "--eta", "0.5"], "--eta 0.5 applies to --method ddim only, not ddpm"),
+        (["--method", "unipc", "--eta", "0.5"], "--eta 0.5 applies to --method ddim only, not unipc"),
+        (["--policy", "none", "--guidance_every", "2"], "--guidance_every 2 has no effect with --policy none"),
         (["--grad_maps", "17"], "--grad_maps must be between 0 and 16"),
         (["--model", "ect"], "--model 'ect' is neither"),
     ],

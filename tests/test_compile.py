@@ -52,10 +52,11 @@ def graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-METHODS = [dict(method="ddim"), dict(method="ddim", eta=0.5), dict(method="ddpm")]
+METHODS = [dict(method="ddim"), dict(method="ddim", eta=0.5), dict(method="ddpm"), dict(method="dpmpp2m"),
+           dict(method="unipc", dynamic_threshold=0.9)]  # fmt: skip
 
 
-@pytest.mark.parametrize("cfg", METHODS, ids=["ddim", "ddim-eta", "ddpm"])
+@pytest.mark.parametrize("cfg", METHODS, ids=["ddim", "ddim-eta", "ddpm", "dpmpp2m", "unipc"])
 @pytest.mark.parametrize("guided", [True, False], ids=["guided", "unguided"])
 def test_the_step_is_one_graph_that_never_recompiles_and_equals_eager(cfg, guided):
     """fullgraph=True and error_on_recompile: every step of two runs of the same shape uses one graph."""
@@ -71,6 +72,22 @@ def test_the_step_is_one_graph_that_never_recompiles_and_equals_eager(cfg, guide
         torch.testing.assert_close(got.images, want.images, rtol=0, atol=0)  # aot_eager: the same arithmetic
         if guided:
             torch.testing.assert_close(got.trace.scale, want.trace.scale, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["ddim", "unipc"])
+def test_reusing_the_gradient_adds_one_graph_and_equals_eager(method):
+    """guidance_every=2: steps that call the classifier and steps that reuse its gradient are two graphs."""
+    cfg = dict(method=method, guidance_every=2, guidance_interval=(0, 700))
+    fast, eager = sampler(**cfg), sampler(compile=False, **cfg)
+    assert fast.guidance_plan() == ["off", "call", "reuse", "call", "reuse"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fast.sample([1, 2, 3], seeds=[0, 1, 2])
+        fast.sample([1, 2, 3], seeds=[3, 4, 5])
+    assert graphs() == 3  # off, call, reuse
+    want = eager.sample([1, 2, 3], seeds=[0, 1, 2])
+    torch.testing.assert_close(got.images, want.images, rtol=0, atol=0)
+    torch.testing.assert_close(got.trace.scale, want.trace.scale, rtol=0, atol=0)
 
 
 def _policies():
