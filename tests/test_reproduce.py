@@ -117,3 +117,13 @@ def test_bad_reproduce_input_is_one_line_and_writes_nothing(tmp_path, capsys, ar
     err = capsys.readouterr().err
     assert err.startswith("fastguide reproduce: error: ") and message in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_multistep_solvers_join_the_grid_at_their_own_respacing(tmp_path):
+    out = tmp_path / "r"
+    assert main(["reproduce", "--out", str(out), *TINY, "--method", "dpmpp2m,unipc", "--solver_respacing", "3",
+                 "--policies", "none,eds"]) == 0  # fmt: skip
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["sampler"], r["policy"]) for r in rows] == [
+        ("dpmpp2m-3", "none"), ("dpmpp2m-3", "eds"), ("unipc-3", "none"), ("unipc-3", "eds")]
+    assert "dpmpp2m-3 (respacing 3)" in (out / "results.md").read_text()
