@@ -205,7 +205,6 @@ def run_sample(args) -> None:
     refuse_torchrun("sample")
     from .generate import build_policy, generate, load_networks, make_sampler, resolve_device, save_npz
     from .plots import _pyplot, save_grad_maps, save_grid, save_trace_plot
-    from .sampler import SamplerConfig
 
     plan = _sample_plan(args)
     extra = sampler_options(args)

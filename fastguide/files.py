@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import secrets
 import stat
@@ -49,6 +51,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_csv(path: str | os.PathLike, rows: list[dict], columns: tuple[str, ...]) -> None:
+    """``rows`` as a CSV with the header ``columns``, written atomically (:func:`atomic_write`)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda tmp: tmp.write_text(buf.getvalue()))
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:

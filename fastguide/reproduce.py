@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import atomic_write
+from .files import atomic_write, atomic_write_csv
 from .evaluation import DEFAULT_EVAL_NET, EVAL_NETS
 from .generate import DEFAULT_RESPACING, add_fast_path_arguments
 
@@ -137,11 +136,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda tmp: tmp.write_text(buf.getvalue()))
+    atomic_write_csv(path, rows, COLUMNS)
 
 
 def _num(row: dict, key: str) -> float:

@@ -4,6 +4,7 @@
     x_t ─► classifier(x_t, t) ─► logits ─► softmax–entropy–scale ─► d log p(y)/d logits ─► ∇x log p(y|x_t)
         ─► policy (EDS: the fused op's own scale) ─► s
     (x_t, ε, v, s, ∇, z) ─► guided DDPM/DDIM update ─► x_{t−1}
+    (or ε − sqrt(1−ᾱ)·s·∇ ─► DPM-Solver++(2M)/UniPC update with the carried history, fastguide.solvers)
 
 :func:`guided_step` has no host syncs and no Python branch on a tensor's value: the schedule is
 gathered from device tables by index, and non-finite values are not raised but reported per sample

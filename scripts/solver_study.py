@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from fastguide.evaluation import Evaluator
-from fastguide.files import atomic_write
+from fastguide.files import atomic_write, atomic_write_csv
 from fastguide.generate import build_policy, generate, load_networks, make_sampler
 
 STEPS = (5, 10, 15, 25)
@@ -64,14 +63,6 @@ def runs(models, part):
 def key(row: dict) -> tuple:
     """A CSV row's run, as :func:`runs` lists it (strings)."""
     return tuple(str(row[c]) for c in ("part", "model", "method", "steps", "policy", "schedule"))
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda tmp: tmp.write_text(buf.getvalue()))
 
 
 def fmt(value, digits=3) -> str:
@@ -172,7 +163,7 @@ def main(argv=None) -> int:
                          recall=scores.recall, class_accuracy=scores.class_accuracy,
                          nonblack_background=scores.nonblack_background,
                          sampling_seconds=round(seconds, 2), num_samples=args.num_samples))  # fmt: skip
-        write_csv(path, rows)
+        atomic_write_csv(path, rows, COLUMNS)
         print(f"[{i + 1}/{len(todo)}] {part} {model} {method}-{n} {policy} {schedule}: FID {scores.fid:.4f} "
               f"acc {scores.class_accuracy:.3f} recall {scores.recall:.3f} {seconds:.1f} s", flush=True)
     report(out, rows, command)
