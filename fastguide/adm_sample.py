@@ -206,6 +206,8 @@ def _prepare(out: Path, shards: Path, plan: Plan) -> str:
     path = out / PLAN
     if path.is_file():
         earlier = json.loads(path.read_text())
+        if "method" not in earlier:  # written before --method existed: ADM's --use_ddim chose
+            earlier["method"] = "ddim" if earlier.get("flags", {}).get("use_ddim") else "ddpm"
         if earlier != json.loads(text):
             changed = sorted(k for k in {**earlier.get("flags", {}), **plan.flags}
                              if earlier.get("flags", {}).get(k) != plan.flags.get(k))  # fmt: skip

@@ -17,6 +17,8 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 
 from .files import check_output_folder, nearest_existing
 from .generate import add_guidance_schedule_arguments, sampler_options
@@ -247,7 +249,8 @@ def run_sample(args) -> None:
         "files": names,
     }
     if gen.entropy is not None:
-        summary["mean_entropy_first_last"] = [float(gen.entropy[0].mean()), float(gen.entropy[-1].mean())]
+        called = [k for k in range(len(gen.entropy)) if not np.isnan(gen.entropy[k]).all()]  # classifier steps
+        summary["mean_entropy_first_last"] = [float(gen.entropy[called[0]].mean()), float(gen.entropy[called[-1]].mean())]
         summary["mean_scale_first_last"] = [float(gen.scale[0].mean()), float(gen.scale[-1].mean())]
     with Staging(out) as stage:
         save_npz(stage.path(names["samples"]), gen.images, gen.labels)

@@ -69,11 +69,14 @@ class SamplerConfig:
         if self.dynamic_threshold is not None:
             if self.method not in MULTISTEP:
                 raise ValueError(f"dynamic_threshold applies to {MULTISTEP}, not method {self.method!r}")
-            if not (isinstance(self.dynamic_threshold, (int, float)) and 0 < self.dynamic_threshold <= 1):
+            if not (_number(self.dynamic_threshold) and 0 < self.dynamic_threshold <= 1):
                 raise ValueError(f"dynamic_threshold must be a quantile in (0, 1], got {self.dynamic_threshold!r}")
-        if not (isinstance(self.threshold_max, (int, float)) and math.isfinite(self.threshold_max)
-                and self.threshold_max >= 1):  # fmt: skip
+            if not self.clip_denoised:
+                raise ValueError("dynamic_threshold replaces clipping x̂0; it cannot go with clip_denoised=False")
+        if not (_number(self.threshold_max) and math.isfinite(self.threshold_max) and self.threshold_max >= 1):
             raise ValueError(f"threshold_max must be a finite number >= 1, got {self.threshold_max!r}")
+        if self.threshold_max != 1.5 and self.dynamic_threshold is None:
+            raise ValueError(f"threshold_max={self.threshold_max!r} applies only with dynamic_threshold")
         if self.guidance_interval is not None:
             lo_hi = tuple(self.guidance_interval)
             if len(lo_hi) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in lo_hi) or not (
@@ -107,6 +110,11 @@ class SamplerConfig:
         precision = ("bfloat16" if cuda else "float32") if self.precision == "auto" else self.precision
         channels_last = cuda if self.channels_last is None else self.channels_last
         return FastPath(compile_, graphs, PRECISIONS[precision], channels_last)
+
+
+def _number(value) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 PRECISIONS = {"auto": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -200,6 +208,11 @@ class GuidedSampler:
             raise TypeError(f"cond_fn must be callable, got {type(cond_fn).__name__}")
         if classifier is None and not isinstance(policy, NoGuidance):
             raise ValueError(f"policy {policy!r} needs a classifier, but classifier is None")
+        if (classifier is None or isinstance(policy, NoGuidance)) and (
+                config.guidance_interval is not None or config.guidance_every != 1):  # fmt: skip
+            raise ValueError(
+                f"guidance_interval={config.guidance_interval} / guidance_every={config.guidance_every} need a "
+                "classifier and a policy (they say when the classifier is called); this sampler has none")  # fmt: skip
         self.cond_fn = cond_fn
         self.model, self.classifier, self.schedule, self.policy, self.config = (
             model, classifier, schedule, policy, config
@@ -398,6 +411,7 @@ class GuidedSampler:
         needs_noise = self.config.method == "ddpm" or self.config.eta > 0
         n = self.schedule.num_steps
         plan = self.guidance_plan()
+        first_call = plan.index("call")
         records, statuses = [], []
         progress = _progress(n, self.config.progress)
         # the classifier's gradient needs autograd, even inside inference_mode (entered per step: the
@@ -410,7 +424,9 @@ class GuidedSampler:
             with torch.inference_mode(False):
                 index = runner.index(n - 1 - k, len(y))
                 z = source.step(k).to(device) if needs_noise else None
-                out, record, status, carry = runner(x, index, y, z, max_label if k == 0 else -1, carry, plan[k])
+                # the labels are checked against the classifier's logits at its first call (eagerly)
+                check = max_label if k <= first_call else -1
+                out, record, status, carry = runner(x, index, y, z, check, carry, plan[k])
             x = out.x_prev
             records.append(record)
             statuses.append(status)
@@ -492,7 +508,7 @@ class _Runner:
     def eager(self, x, index, y, noise, max_label: int | None = None, carry=None, guidance: str = "call"):
         """The step run eagerly; with ``max_label``, the labels are checked against the classifier's logits."""
         out = guided_step(self.spec, self.tables, x, index, y, noise, max_label, carry, guidance)
-        if max_label is not None:
+        if max_label is not None and guidance == "call":  # the classifier saw the labels (or there is none)
             self.max_label_checked = max(self.max_label_checked, max_label)
         return out
 

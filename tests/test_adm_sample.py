@@ -155,3 +155,15 @@ def test_method_that_contradicts_use_ddim_is_refused(tmp_path, checkpoints, caps
     assert cli(["adm-sample", *FLAGS, *checkpoints, *RUN, "--out", str(tmp_path / "o"), "--method", "ddpm"]) == 2
     assert "--method ddpm contradicts --use_ddim True" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_folder_written_before_method_existed_still_resumes(tmp_path, checkpoints):
+    import json
+
+    assert main(["adm-sample", *FLAGS, *checkpoints, *RUN, "--out", str(tmp_path)]) == 0
+    plan = json.loads((tmp_path / "adm-sample.json").read_text())
+    del plan["method"]  # as adm-sample wrote it before --method
+    (tmp_path / "adm-sample.json").write_text(json.dumps(plan))
+    before = (tmp_path / NPZ).stat().st_mtime_ns
+    assert main(["adm-sample", *FLAGS, *checkpoints, *RUN, "--out", str(tmp_path)]) == 0  # use_ddim True: ddim
+    assert (tmp_path / NPZ).stat().st_mtime_ns == before

@@ -22,7 +22,7 @@ from test_adm_parity import assert_float64_parity, rel_err
 import fastguide as fg
 from fastguide.adm.flags import ClassifierFlags, ModelFlags
 from fastguide.schedule import linear_betas
-from fastguide.solvers import multistep_table, predictor_order
+from fastguide.solvers import multistep_table, predictor_order, threshold
 from fastguide.step import guidance_plan
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (setup.py's test extra)")
@@ -233,8 +233,23 @@ def test_follows_diffusers_step_by_step_without_guidance(nets, method, threshold
             assert rel_err(b, exact[k]) < 1e-4, f"{method} step {k}: diffusers vs float64 {rel_err(b, exact[k]):.3g}"
             assert_float64_parity(f"{method} step {k}", a, exact[k], {"diffusers": b, "float32 run": f32[k]},
                                   record=False)  # fmt: skip
-    clipped = sum(int((x.abs() > 1).any()) for x in ours[:-1])
-    assert ours[-1].abs().max() <= (1 if threshold == "clip" else 1.3) + 1e-6 and clipped, "thresholding never acted"
+    assert ours[-1].abs().max() <= (1 if threshold == "clip" else 1.3) + 1e-6
+    unclipped = _fastguide(unet, None, method, schedule=schedule, clip_denoised=False)
+    assert rel_err(unclipped[-1], ours[-1]) > 0.1, "clipping x̂0 changed nothing: the test would not see it"
+
+
+def test_dynamic_thresholding_is_diffusers_where_the_quantile_lies_inside_its_range():
+    """Per sample: s = the ratio quantile of |x̂0| clamped to [1, max]; x̂0 clamped to [−s, s] and divided by s.
+    Samples are made so that s falls below 1, inside [1, max] and above max."""
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(4, 1, 16, 16, generator=gen) * torch.tensor([0.3, 1.0, 1.2, 6.0]).view(-1, 1, 1, 1)
+    scheduler = getattr(diffusers, SCHEDULERS["dpmpp2m"])(thresholding=True, dynamic_thresholding_ratio=0.9,
+                                                          sample_max_value=2.5)  # fmt: skip
+    s = torch.quantile(x0.abs().flatten(1), 0.9, dim=1)
+    assert (s < 1).any() and ((s > 1) & (s < 2.5)).sum() >= 2 and (s > 2.5).any()
+    torch.testing.assert_close(threshold(x0, True, 0.9, 2.5), scheduler._threshold_sample(x0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(threshold(x0, True, None, 2.5), x0.clamp(-1, 1), rtol=0, atol=0)
+    torch.testing.assert_close(threshold(x0, False, None, 2.5), x0, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("method", list(SCHEDULERS))
@@ -299,6 +314,9 @@ class _Counting(torch.nn.Module):
     (dict(method="unipc", threshold_max=0.5), "threshold_max must be a finite number >= 1, got 0.5"),
     (dict(guidance_interval=(600, 200)), "guidance_interval must be two original timesteps"),
     (dict(guidance_every=0), "guidance_every must be an integer >= 1, got 0"),
+    (dict(method="unipc", dynamic_threshold=True), "quantile in (0, 1], got True"),
+    (dict(method="unipc", threshold_max=2.0), "threshold_max=2.0 applies only with dynamic_threshold"),
+    (dict(method="unipc", dynamic_threshold=0.9, clip_denoised=False), "cannot go with clip_denoised=False"),
 ])  # fmt: skip
 def test_bad_settings_are_named(bad, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -316,3 +334,23 @@ def test_an_interval_without_steps_and_a_single_step_call_are_refused(nets):
     with pytest.raises(ValueError, match="use sample\\(\\) or steps\\(\\)"):
         sampler.step(x, torch.tensor([9]), torch.tensor([0]), None)
 
+
+
+def test_labels_are_checked_at_the_first_classifier_call_also_when_earlier_steps_have_none(nets):
+    """guidance_interval=(0, 500): the first steps do not call the classifier; the first that does checks the
+    labels against its logits (the classifier here declares no number of classes)."""
+    unet, clf = nets
+    anonymous = lambda x, t: clf(x, t)  # noqa: E731 - no out_channels: the labels are checked on its logits
+    for compile_ in (False, True):
+        sampler = fg.GuidedSampler(unet, anonymous, _schedule(), fg.EntropyDriven(2.0),
+                                   fg.SamplerConfig(method="dpmpp2m", guidance_interval=(0, 500), compile=compile_))  # fmt: skip
+        assert sampler.guidance_plan()[:4] == ["off"] * 4
+        with pytest.raises(ValueError, match="class id 7 is out of range for the classifier's 4 classes"):
+            sampler.sample([1, 7], seeds=[0, 1])
+
+
+def test_guidance_schedule_options_without_a_classifier_are_refused(nets):
+    unet, _ = nets
+    for config in (dict(guidance_every=2), dict(guidance_interval=(0, 500))):
+        with pytest.raises(ValueError, match="need a classifier and a policy"):
+            fg.GuidedSampler(unet, None, _schedule(), None, fg.SamplerConfig(method="unipc", **config))
