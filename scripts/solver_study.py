@@ -71,7 +71,7 @@ def fmt(value, digits=3) -> str:
 
 def report(out: Path, rows: list[dict], command: str) -> None:
     """results.md (one table per part) and solvers.png (FID, class accuracy and recall against steps)."""
-    lines = [f"# Few-step solvers with guidance\n\nMade by `{command}`.\n",
+    lines = [f"# Few-step solvers with guidance\n\nThis page: `{command}` (how the runs were made: README.md here).\n",
              f"{rows[0]['num_samples'] if rows else '?'} samples per run (labels i mod 10, seeds i), ECT classifier, "
              "ADM's even respacing (t = 999 ... 0) for every method; scores from `fastguide evaluate`'s default "
              "(ResNet evaluation network, MNIST test set). Constant s: "
@@ -105,7 +105,7 @@ def report(out: Path, rows: list[dict], command: str) -> None:
     plt = _pyplot()
     models = [m for m in ("uncond", "cond") if any(r["model"] == m for r in steps)]
     metrics = ("fid", "class_accuracy", "recall")
-    fig, axes = plt.subplots(len(models), len(metrics), figsize=(4.2 * len(metrics), 3.3 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), len(metrics), figsize=(4.4 * len(metrics), 3.6 * len(models)), squeeze=False)
     colors = {"ddim": "tab:blue", "dpmpp2m": "tab:orange", "unipc": "tab:green"}
     for row_axes, model in zip(axes, models):
         for ax, metric in zip(row_axes, metrics):
@@ -119,9 +119,8 @@ def report(out: Path, rows: list[dict], command: str) -> None:
             ax.set_xlabel("steps (network calls)")
             ax.set_title(f"{'UADM' if model == 'uncond' else 'CADM'}: {metric}")
             ax.grid(alpha=0.3)
-            if metric == "fid":
-                ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
     _save(fig, out / "solvers.png")
 
 
