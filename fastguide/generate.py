@@ -186,7 +186,9 @@ def generate(
     """Samples ``labels[i]`` from ``seeds[i]``, ``batch_size`` at a time (results do not depend on it).
 
     With ``grad_map_steps``, the guidance ``s·∇`` and ``x_t`` of the first ``grad_map_samples`` samples at
-    those step indices are recomputed from the kept ``x_t`` (the same deterministic classifier call).
+    those step indices are recomputed from the kept ``x_t`` (the same deterministic classifier call). A
+    step that reused the guidance (``guidance_every``) shows the gradient it applied: that of the last
+    step that called the classifier; a step without guidance shows zeros.
     """
     from tqdm.auto import tqdm
 
@@ -196,7 +198,14 @@ def generate(
     bar = tqdm(total=len(labels) * n_steps, disable=not progress, desc=desc, unit="img-step", leave=False)
     images, traces = [], []
     kept: dict[int, list[torch.Tensor]] = {}
-    wanted = set(grad_map_steps)
+    plan = sampler.guidance_plan() if sampler.classifier is not None else []
+    source = {}  # map step -> the step whose x_t gave the gradient applied there
+    for k in grad_map_steps:
+        j = k
+        while 0 < j < len(plan) and plan[j] == "reuse":
+            j -= 1
+        source[k] = j
+    wanted = set(grad_map_steps) | set(source.values())
     for start in range(0, len(labels), batch_size):
         lab, sd = list(labels[start : start + batch_size]), list(seeds[start : start + batch_size])
         first = max(0, min(grad_map_samples - start, len(lab)))
@@ -221,10 +230,10 @@ def generate(
     grad_maps, x_maps = {}, {}
     if kept and sampler.classifier is not None:
         y = torch.as_tensor(list(labels[:grad_map_samples]), device=device)
-        for k, parts in sorted(kept.items()):
-            x = torch.cat(parts)
-            index = torch.full((len(x),), n_steps - 1 - k, device=device, dtype=torch.long)
-            out = classifier_gradient(sampler.classifier, x, sampler.schedule.model_timesteps(index), y)
+        for k in sorted(source):
+            x, j = torch.cat(kept[k]), source[k]
+            index = torch.full((len(x),), n_steps - 1 - j, device=device, dtype=torch.long)
+            out = classifier_gradient(sampler.classifier, torch.cat(kept[j]), sampler.schedule.model_timesteps(index), y)
             s = torch.cat([tr.scale[k] for tr in traces])[: len(x)].to(device)
             grad_maps[k] = (s[:, None, None, None] * out.grad).cpu().numpy()
             x_maps[k] = x.cpu().numpy()

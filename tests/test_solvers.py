@@ -354,3 +354,25 @@ def test_guidance_schedule_options_without_a_classifier_are_refused(nets):
     for config in (dict(guidance_every=2), dict(guidance_interval=(0, 500))):
         with pytest.raises(ValueError, match="need a classifier and a policy"):
             fg.GuidedSampler(unet, None, _schedule(), None, fg.SamplerConfig(method="unipc", **config))
+
+
+def test_gradient_maps_show_the_guidance_each_step_applied():
+    """guidance_every=2 with an interval: a reusing step's map is the last call's s·∇ (from that step's x_t),
+    a step without guidance has a zero map, and a calling step's map is its own fresh s·∇."""
+    import numpy as np
+
+    from fastguide.generate import generate, load_networks, make_sampler
+    from fastguide.guidance import classifier_gradient
+
+    cpu = torch.device("cpu")
+    sampler = make_sampler(load_networks("cond", "ect", cpu), fg.EntropyDriven(3.0), "unipc", "6", guidance_every=2,
+                           guidance_interval=(200, 999))  # fmt: skip
+    assert sampler.guidance_plan() == ["call", "reuse", "call", "reuse", "call", "off"]
+    gen = generate(sampler, [3, 5], [0, 1], 2, cpu, progress=False, grad_map_steps=[2, 3, 5], grad_map_samples=2)
+    assert np.array_equal(gen.grad_maps[3], gen.grad_maps[2]) and np.abs(gen.grad_maps[2]).max() > 0
+    assert not gen.grad_maps[5].any()
+    assert not np.array_equal(gen.x_maps[3], gen.x_maps[2])  # each map keeps its own step's x_t
+    x2 = torch.from_numpy(gen.x_maps[2])
+    t2 = sampler.schedule.model_timesteps(torch.full((2,), 6 - 1 - 2))
+    fresh = classifier_gradient(sampler.classifier, x2, t2, torch.tensor([3, 5])).grad
+    np.testing.assert_array_equal(gen.grad_maps[2], (torch.from_numpy(gen.scale[2])[:, None, None, None] * fresh).numpy())
