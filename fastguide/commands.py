@@ -83,7 +83,7 @@ def _sample_plan(args) -> dict:
     from .adm.configs import ClassifierFlags, ModelFlags
     from .generate import CLASSIFIERS, DEFAULT_RESPACING, MODELS, build_policy, run_dir
     from .pretrained import run_flags
-    from .sampler import GuidedSampler, SamplerConfig
+    from .sampler import SamplerConfig
 
     flags = run_flags(run_dir(args.model, MODELS, "--model"))
     if not isinstance(flags, ModelFlags):
@@ -136,9 +136,9 @@ def _sample_plan(args) -> dict:
     schedule = flags.schedule(DEFAULT_RESPACING[args.method] if args.respacing is None else args.respacing)
     options = sampler_options(args)
     config = SamplerConfig(method=args.method, eta=args.eta, **options)  # checks the sampler's settings
-    if guided and "guidance_interval" in options:  # the interval must hold a step of this chain
-        GuidedSampler(lambda x, t: x, lambda x, t: x, schedule, policy, config).guidance_plan()
-    return dict(labels=labels, seeds=seeds, policy=policy, classes=classes, num_classes=num_classes)
+    if guided:
+        config.guidance_plan(schedule)  # the interval must hold a step of this chain
+    return dict(labels=labels, seeds=seeds, policy=policy, classes=classes, num_classes=num_classes, options=options)
 
 
 class Staging:
@@ -209,7 +209,7 @@ def run_sample(args) -> None:
     from .plots import _pyplot, save_grad_maps, save_grid, save_trace_plot
 
     plan = _sample_plan(args)
-    extra = sampler_options(args)
+    extra = plan["options"]
     device = resolve_device(args.device)
     out = check_output_folder(args.out)
     _pyplot()  # the plots' dependency, before any work

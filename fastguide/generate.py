@@ -198,7 +198,7 @@ def generate(
     bar = tqdm(total=len(labels) * n_steps, disable=not progress, desc=desc, unit="img-step", leave=False)
     images, traces = [], []
     kept: dict[int, list[torch.Tensor]] = {}
-    plan = sampler.guidance_plan() if sampler.classifier is not None else []
+    plan = sampler.guidance_plan() if grad_map_steps and sampler.classifier is not None else []
     source = {}  # map step -> the step whose x_t gave the gradient applied there
     for k in grad_map_steps:
         j = k

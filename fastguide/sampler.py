@@ -79,14 +79,13 @@ class SamplerConfig:
             raise ValueError(f"threshold_max={self.threshold_max!r} applies only with dynamic_threshold")
         if self.guidance_interval is not None:
             lo_hi = tuple(self.guidance_interval)
-            if len(lo_hi) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in lo_hi) or not (
+            if len(lo_hi) != 2 or not all(_number(v, (int,)) for v in lo_hi) or not (
                     0 <= lo_hi[0] <= lo_hi[1]):  # fmt: skip
                 raise ValueError(
                     f"guidance_interval must be two original timesteps (lo, hi) with 0 <= lo <= hi, got "
                     f"{self.guidance_interval!r}")  # fmt: skip
             object.__setattr__(self, "guidance_interval", lo_hi)
-        if not (isinstance(self.guidance_every, int) and not isinstance(self.guidance_every, bool)
-                and self.guidance_every >= 1):  # fmt: skip
+        if not (_number(self.guidance_every, (int,)) and self.guidance_every >= 1):
             raise ValueError(f"guidance_every must be an integer >= 1, got {self.guidance_every!r}")
         if self.variance != "auto" and self.variance not in VARIANCES:
             raise ValueError(f"unknown variance {self.variance!r}; expected 'auto' or one of {VARIANCES}")
@@ -97,6 +96,21 @@ class SamplerConfig:
         for name in ("compile", "cuda_graphs", "channels_last"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}")
+
+    def guidance_plan(self, schedule: Schedule) -> list[str]:
+        """What each step of ``schedule`` (noisiest first) does with the classifier, from
+        ``guidance_interval`` and ``guidance_every`` (:func:`fastguide.step.guidance_plan`).
+
+        Raises:
+            ValueError: the interval holds none of the chain's timesteps (the classifier would never be called).
+        """
+        timesteps = list(reversed(schedule.timestep_map))
+        plan = guidance_plan(timesteps, self.guidance_interval, self.guidance_every)
+        if "call" not in plan:
+            raise ValueError(
+                f"guidance_interval {self.guidance_interval} contains none of the chain's timesteps "
+                f"({timesteps[-1]}..{timesteps[0]}): the classifier would never be called")  # fmt: skip
+        return plan
 
     def fast_path(self, device: torch.device) -> FastPath:
         """The compile, CUDA-graph, precision and memory-format choices on ``device``, automatic ones resolved:
@@ -112,9 +126,9 @@ class SamplerConfig:
         return FastPath(compile_, graphs, PRECISIONS[precision], channels_last)
 
 
-def _number(value) -> bool:
-    """An int or float, not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _number(value, kinds: tuple[type, ...] = (int, float)) -> bool:
+    """``value`` is one of ``kinds`` and not a bool (which is an int to isinstance)."""
+    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 PRECISIONS = {"auto": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -446,16 +460,9 @@ class GuidedSampler:
         """What each step (noisiest first) does with the classifier: "call", "reuse" the last scale and
         gradient, or "off" (:func:`fastguide.step.guidance_plan`, from ``guidance_interval`` and
         ``guidance_every``); all "call" without them or without a classifier."""
-        n, cfg = self.schedule.num_steps, self.config
         if self.classifier is None:
-            return ["call"] * n
-        timesteps = [self._t_at(k) for k in range(n)]
-        plan = guidance_plan(timesteps, cfg.guidance_interval, cfg.guidance_every)
-        if "call" not in plan:
-            raise ValueError(
-                f"guidance_interval {cfg.guidance_interval} contains none of the chain's timesteps "
-                f"({timesteps[-1]}..{timesteps[0]}): the classifier would never be called")  # fmt: skip
-        return plan
+            return ["call"] * self.schedule.num_steps
+        return self.config.guidance_plan(self.schedule)
 
     def _warn_entropy_floor(self, trace: SamplingTrace) -> None:
         """Once per run, where an entropy fell below the EDS floor (the scale is then γ·log K / floor)."""
