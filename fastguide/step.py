@@ -34,8 +34,6 @@ CHECKS = ("eps-model output", "classifier logits", "guidance scale", "classifier
 NONFINITE = {1: "nan", 2: "inf", 3: "-inf"}  # status codes of a tensor's non-finite values
 LOGIT_FAULTS = {1: "nan", 2: "inf", 3: "-inf for every class"}  # status codes of a row of logits
 GUIDANCE_ACTIONS = ("call", "reuse", "off")  # what a step does with the classifier (guidance_plan)
-_RECIP = StepCoefficients._fields.index("sqrt_recip_alpha_bar")
-_RECIPM1 = StepCoefficients._fields.index("sqrt_recipm1_alpha_bar")
 
 
 class StepRecord(NamedTuple):
@@ -242,12 +240,14 @@ def guided_step(
     if grad is not None and guidance == "call":
         carry = carry._replace(scale=scale, grad=grad)
     if spec.method in MULTISTEP:
+        c = StepCoefficients.of(coefs)
         if grad is not None:
-            sigma = coefs[:, _RECIPM1] / coefs[:, _RECIP]  # sqrt(1 − ᾱ), without cancellation
-            weight = scale if spec.paper_form else scale * sigma
-            eps = eps - weight.view(-1, 1, 1, 1) * grad
+            weight = scale.view(-1, 1, 1, 1)
+            if not spec.paper_form:  # sqrt(1 − ᾱ) as sqrt(1/ᾱ − 1)/sqrt(1/ᾱ), without cancellation
+                weight = weight * (c.sqrt_recipm1_alpha_bar / c.sqrt_recip_alpha_bar)
+            eps = eps - weight * grad
         x_prev, xstart, corrected = multistep_update(
-            x, eps, (coefs[:, _RECIP].view(-1, 1, 1, 1), coefs[:, _RECIPM1].view(-1, 1, 1, 1)), tables.solver[index],
+            x, eps, (c.sqrt_recip_alpha_bar, c.sqrt_recipm1_alpha_bar), tables.solver[index],
             carry, spec.clip_denoised, spec.dynamic_threshold, spec.threshold_max,
         )  # fmt: skip
         carry = carry._replace(d1=xstart, d2=carry.d1, x_last=corrected)
