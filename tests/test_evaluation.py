@@ -127,3 +127,32 @@ def test_adm_summary_lines(spatial_evaluator):
     assert [line.split(": ")[0] for line in lines] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
     assert [float(line.split(": ")[1]) for line in lines] == [scores.inception_score, scores.fid, scores.sfid,
                                                               scores.precision, scores.recall]  # fmt: skip
+
+
+def test_real_floor_script_scores_disjoint_balanced_draws_of_real_digits(tmp_path):
+    """scripts/real_floor.py: its draws are disjoint and class-balanced, its table is the evaluator's scores of
+    real digits (every one recognised, none with a grey background), and a request it cannot serve is refused."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "scripts" / "real_floor.py"
+    spec = importlib.util.spec_from_file_location("real_floor", script)
+    real_floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_floor)
+    labels = np.repeat(np.arange(10), 7)
+    sets = real_floor.draws(labels, 3, 2, seed=1)
+    assert len(sets) == 2 and not set(sets[0]) & set(sets[1])
+    assert all(np.array_equal(np.bincount(labels[s], minlength=10), np.full(10, 3)) for s in sets)
+    with pytest.raises(ValueError, match="need 9 images of each class; class 0 has 7"):
+        real_floor.draws(labels, 3, 3, seed=1)
+
+    out = tmp_path / "floor.md"
+    subprocess.run([sys.executable, str(script), "--num_samples", "20", "--draws", "2", "--out", str(out)],
+                   check=True, capture_output=True, text=True)  # fmt: skip
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in out.read_text().splitlines()[4:]}
+    assert float(rows["fid"][0]) > 0
+    assert rows["class_accuracy"][0] == "1" and rows["nonblack_background"][0] == "0"
+    bad = subprocess.run([sys.executable, str(script), "--num_samples", "15"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--num_samples must be a positive multiple of 10, got 15" in bad.stderr
