@@ -1,7 +1,7 @@
 """The embedded UNets' samples as an independent eye sees them (issue 14): grids and image statistics.
 
-For each UNet (cond, uncond; embedded names or run folders) × {unguided, default guidance (ECT
-classifier, EDS γ = 3)} × {DDIM-25, DDPM-250}: N samples per digit (labels i mod 10 in class order,
+For each UNet (cond, uncond; embedded names or run folders) × {unguided, guided (ECT classifier, EDS at
+each --gammas γ; default: `fastguide sample`'s γ for that UNet)} × {DDIM-25, DDPM-250}: N samples per digit (labels i mod 10 in class order,
 seeds i), a grid PNG in --out, and one table row: the share of non-black backgrounds
 (fastguide.evaluation.nonblack_background), mean intensity (reference: the held-out digits), and the
 ResNet evaluation network's class accuracy (of unguided UADM: against arbitrary labels). The table is
@@ -21,6 +21,7 @@ import torch
 
 import fastguide as fg
 from fastguide.evaluation import eval_network, mean_intensity, nonblack_background, reference_images
+from fastguide.commands import default_gamma
 from fastguide.generate import generate, load_networks, make_sampler
 from fastguide.plots import save_grid
 
@@ -33,8 +34,11 @@ def main() -> None:
     p.add_argument("--count", type=int, default=10, help="samples per digit")
     p.add_argument("--models", default="cond,uncond")
     p.add_argument("--samplers", default="ddim-25,ddpm-250")
-    p.add_argument("--gamma", type=float, default=3.0, help="EDS γ of the guided runs (fastguide sample's default)")
+    p.add_argument("--gammas", default=None,
+                   help="comma-separated EDS γ of the guided runs (default: fastguide sample's for each UNet)")
+    p.add_argument("--guided_only", action="store_true", help="no unguided rows")
     args = p.parse_args()
+    gammas = None if args.gammas is None else [float(g) for g in args.gammas.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     judge = eval_network("resnet")
     reference = mean_intensity(reference_images())
@@ -44,16 +48,19 @@ def main() -> None:
             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for model in args.models.split(","):
         nets = load_networks(model, "ect")
+        runs = [] if args.guided_only else [("none", fg.NoGuidance())]
+        for gamma in gammas or [default_gamma(nets.flags.class_cond)]:
+            runs.append((f"eds γ={gamma:g}", fg.EntropyDriven(gamma)))
         for sampler_name in args.samplers.split(","):
             method, respacing = SAMPLERS[sampler_name]
-            for guidance, policy in (("none", fg.NoGuidance()), (f"eds γ={args.gamma:g}", fg.EntropyDriven(args.gamma))):
+            for guidance, policy in runs:
                 start = time.perf_counter()
                 sampler = make_sampler(nets, policy, method, respacing)
                 gen = generate(sampler, labels, seeds, batch_size=50, device=torch.device("cpu"), progress=False)
                 seconds = time.perf_counter() - start
                 _, probs = judge(gen.images)
                 accuracy = float((probs.argmax(axis=1) == gen.labels).mean())
-                tag = "none" if guidance == "none" else "eds"
+                tag = "none" if guidance == "none" else f"eds{policy.gamma:g}"
                 name = f"{Path(model).name}_{sampler_name}_{tag}.png"
                 save_grid(args.out / name, gen.images, gen.labels)
                 row = (f"| {model} | {sampler_name} | {guidance} | {nonblack_background(gen.images):.3f} | "

@@ -31,8 +31,9 @@ from fastguide.generate import build_policy, generate, load_networks, make_sampl
 STEPS = (5, 10, 15, 25)
 METHODS = ("ddim", "dpmpp2m", "unipc")
 NAMES = {"ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)", "unipc": "UniPC"}
-# constant s: the best constant of the committed DDIM-25 grid with the ECT classifier (docs/results, the
-# models of 2026-11-26); EDS γ: fastguide sample's default
+# constant s: the best constant of the DDIM-25 grid with the ECT classifier (the eps-models' grid of 2026-11-26;
+# the v-prediction models' grid has the same best constants); EDS γ = 3: fastguide sample's default until
+# 2026-11-30 (since then 1 for a class-conditional UNet)
 STRENGTHS = {("uncond", "constant"): 10.0, ("cond", "constant"): 3.0, ("uncond", "eds"): 3.0, ("cond", "eds"): 3.0}
 SCHEDULES = {  # name -> SamplerConfig options
     "every step": {},

@@ -44,6 +44,19 @@ def test_sample_writes_grid_npz_trace_and_gradient_maps(tmp_path):
     assert run["samples"] == 4 and run["files"]["samples"] == "samples_4x32x32x1.npz"
 
 
+@pytest.mark.parametrize("model, gamma", [("cond", 1.0), ("uncond", 3.0)])
+def test_sample_default_gamma_is_the_grids_best_for_the_kind_of_unet(model, gamma):
+    """EDS γ when --scale is not given: 1 for a class-conditional UNet, 3 for an unconditional one (docs/results);
+    a given --scale is used as it is."""
+    from fastguide.cli import build_parser
+    from fastguide.commands import _sample_plan
+
+    plan = _sample_plan(build_parser().parse_args(["sample", "--model", model]))
+    assert plan["policy"] == EntropyDriven(gamma=gamma)
+    plan = _sample_plan(build_parser().parse_args(["sample", "--model", model, "--scale", "2"]))
+    assert plan["policy"] == EntropyDriven(gamma=2.0)
+
+
 def test_sample_is_the_library_sampler_with_the_same_seeds(tmp_path):
     out = tmp_path / "o"
     assert main(["sample", "--out", str(out), *TINY, "--seed", "5", "--batch_size", "3", "--scale", "1.5"]) == 0
@@ -99,8 +112,8 @@ def test_sample_with_a_multistep_solver_and_guidance_every_k_is_the_library_samp
     assert f"{method} 6 steps" in run["what"] and all(math.isfinite(v) for v in run["mean_entropy_first_last"])
     with np.load(out / "samples_4x32x32x1.npz") as data:
         cli_images = data["arr_0"]
-    nets = load_networks("cond", "ect", torch.device("cpu"))
-    sampler = make_sampler(nets, EntropyDriven(gamma=3.0), method, "6", guidance_every=2, guidance_interval=(200, 999),
+    nets = load_networks("cond", "ect", torch.device("cpu"))  # the default γ of a class-conditional UNet: 1
+    sampler = make_sampler(nets, EntropyDriven(gamma=1.0), method, "6", guidance_every=2, guidance_interval=(200, 999),
                            dynamic_threshold=0.99)  # fmt: skip
     assert sampler.guidance_plan() == ["call", "reuse", "call", "reuse", "call", "off"]
     gen = generate(sampler, [0, 0, 7, 7], [0, 1, 2, 3], batch_size=4, device=torch.device("cpu"), progress=False)
