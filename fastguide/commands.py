@@ -66,8 +66,8 @@ def add_sample_command(sub) -> None:
     p.add_argument("--seeds", default=None, help="comma-separated seeds, one per sample (overrides --seed)")
     p.add_argument("--policy", default="eds", choices=sorted(POLICIES), help="guidance policy (default: eds)")
     p.add_argument("--scale", "--gamma", dest="scale", type=float, default=None,
-                   help=f"γ for eds (default {DEFAULT_GAMMA['class-conditional']:g} for a class-conditional UNet, "
-                   f"{DEFAULT_GAMMA['unconditional']:g} for an unconditional one), s for constant, C/c for the others")  # fmt: skip
+                   help=f"γ for eds (default {default_gamma(True):g} for a class-conditional UNet, "
+                   f"{default_gamma(False):g} for an unconditional one), s for constant, C/c for the others")  # fmt: skip
     p.add_argument("--threshold", type=float, default=None, help="gradient-norm policy: the norm bound M")
     p.add_argument("--t_max", type=int, default=None, help="constant-range policy: last t that gets c")
     p.add_argument("--method", default="ddim", choices=list(METHODS),

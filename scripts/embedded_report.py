@@ -1,9 +1,9 @@
 """The embedded UNets' samples as an independent eye sees them (issue 14): grids and image statistics.
 
-For each UNet (cond, uncond; embedded names or run folders) × {unguided, guided (ECT classifier, EDS at
-each --gammas γ; default: `fastguide sample`'s γ for that UNet)} × {DDIM-25, DDPM-250}: N samples per digit (labels i mod 10 in class order,
-seeds i), a grid PNG in --out, and one table row: the share of non-black backgrounds
-(fastguide.evaluation.nonblack_background), mean intensity (reference: the held-out digits), and the
+For each UNet (cond, uncond; embedded names or run folders) × {unguided, guided (ECT classifier, EDS
+at each --gammas γ; default: `fastguide sample`'s γ for that UNet)} × {DDIM-25, DDPM-250}: N samples
+per digit (labels i mod 10 in class order, seeds i), a grid PNG in --out, and one table row: the share
+of non-black backgrounds (fastguide.evaluation.nonblack_background), mean intensity (reference: the held-out digits), and the
 ResNet evaluation network's class accuracy (of unguided UADM: against arbitrary labels). The table is
 printed as Markdown and written to --out/report.md.
 
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 import fastguide as fg
-from fastguide.evaluation import eval_network, mean_intensity, nonblack_background, reference_images
 from fastguide.commands import default_gamma
+from fastguide.evaluation import eval_network, mean_intensity, nonblack_background, reference_images
 from fastguide.generate import generate, load_networks, make_sampler
 from fastguide.plots import save_grid
 
