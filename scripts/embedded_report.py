@@ -3,9 +3,9 @@
 For each UNet (cond, uncond; embedded names or run folders) × {unguided, guided (ECT classifier, EDS
 at each --gammas γ; default: `fastguide sample`'s γ for that UNet)} × {DDIM-25, DDPM-250}: N samples
 per digit (labels i mod 10 in class order, seeds i), a grid PNG in --out, and one table row: the share
-of non-black backgrounds (fastguide.evaluation.nonblack_background), mean intensity (reference: the held-out digits), and the
-ResNet evaluation network's class accuracy (of unguided UADM: against arbitrary labels). The table is
-printed as Markdown and written to --out/report.md.
+of non-black backgrounds (fastguide.evaluation.nonblack_background), mean intensity (reference: the
+held-out digits), and the ResNet evaluation network's class accuracy (of unguided UADM: against
+arbitrary labels). The table is printed as Markdown and written to --out/report.md.
 
     OMP_NUM_THREADS=1 python scripts/embedded_report.py --out docs/embedded --count 10
 """
