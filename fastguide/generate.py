@@ -230,13 +230,16 @@ def generate(
     grad_maps, x_maps = {}, {}
     if kept and sampler.classifier is not None:
         y = torch.as_tensor(list(labels[:grad_map_samples]), device=device)
+        xs = {k: torch.cat(parts) for k, parts in kept.items()}
+        grads: dict[int, torch.Tensor] = {}  # source step -> ∇ log p(y|x_t) there, one classifier call each
         for k in sorted(source):
-            x, j = torch.cat(kept[k]), source[k]
-            index = torch.full((len(x),), n_steps - 1 - j, device=device, dtype=torch.long)
-            out = classifier_gradient(sampler.classifier, torch.cat(kept[j]), sampler.schedule.model_timesteps(index), y)
-            s = torch.cat([tr.scale[k] for tr in traces])[: len(x)].to(device)
-            grad_maps[k] = (s[:, None, None, None] * out.grad).cpu().numpy()
-            x_maps[k] = x.cpu().numpy()
+            j = source[k]
+            if j not in grads:
+                t = sampler.schedule.model_timesteps(torch.full((len(xs[j]),), n_steps - 1 - j, device=device))
+                grads[j] = classifier_gradient(sampler.classifier, xs[j], t, y).grad
+            s = torch.cat([tr.scale[k] for tr in traces])[: len(xs[k])].to(device)
+            grad_maps[k] = (s[:, None, None, None] * grads[j]).cpu().numpy()
+            x_maps[k] = xs[k].cpu().numpy()
 
     def stacked(name):
         cols = [getattr(tr, name) for tr in traces]
