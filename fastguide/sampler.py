@@ -14,6 +14,8 @@ says so). Nothing is hidden in a wrapped model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import itertools
 import logging
 import math
@@ -33,7 +35,10 @@ from .guidance import EntropyDriven, GuidancePolicy, NoGuidance
 from .noise import FixedNoise, GlobalNoise, PerSampleNoise
 from .schedule import Schedule
 from .solvers import MULTISTEP, Carry
-from .step import StepRecord, StepSpec, StepTables, first_fault, guidance_plan, guided_step, nonfinite_code
+from .step import (
+    StepRecord, StepSpec, StepTables, differentiates_parameters, first_fault, guidance_plan, guided_step,
+    nonfinite_code,
+)  # fmt: skip
 
 METHODS = ("ddpm", "ddim", *MULTISTEP)
 
@@ -124,6 +129,14 @@ class SamplerConfig:
         precision = ("bfloat16" if cuda else "float32") if self.precision == "auto" else self.precision
         channels_last = cuda if self.channels_last is None else self.channels_last
         return FastPath(compile_, graphs, PRECISIONS[precision], channels_last)
+
+
+def _takes_low_res(net) -> bool:
+    """Whether ``net``'s forward takes ``low_res`` (ADM's SuperResModel and its kind)."""
+    try:
+        return "low_res" in inspect.signature(net.forward if isinstance(net, nn.Module) else net).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return False
 
 
 def _number(value, kinds: tuple[type, ...] = (int, float)) -> bool:
@@ -246,6 +259,8 @@ class GuidedSampler:
         declared = {}
         for name, net in (("model", model), ("classifier", classifier)):
             c, size = getattr(net, "in_channels", None), getattr(net, "image_size", None)
+            if isinstance(c, int) and name == "model" and _takes_low_res(net):
+                c //= 2  # ADM's SuperResModel: in_channels counts the upsampled low_res it concatenates
             if isinstance(c, int) and isinstance(size, int):
                 declared[name] = (c, size, size)
         if image_shape is not None:
@@ -277,6 +292,25 @@ class GuidedSampler:
                 if label >= k:
                     raise ValueError(f"class id {label} at position {i} is out of range for {k} classes")
         return y.to(device=device, dtype=torch.long)
+
+    @staticmethod
+    def _model_kwargs(model_kwargs, batch: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+        """The eps-model's extra keyword arguments, checked (names, one row per sample) and moved to ``device``."""
+        if model_kwargs is None:
+            return None
+        if not isinstance(model_kwargs, dict):
+            raise TypeError(f"model_kwargs must be a dict of tensors, got {type(model_kwargs).__name__}")
+        extra = {}
+        for name, value in model_kwargs.items():
+            if not isinstance(name, str) or not name.isidentifier() or name == "y":
+                raise ValueError(f"model_kwargs name {name!r} is not a keyword argument name other than 'y' "
+                                 "(the labels are passed as y)")  # fmt: skip
+            if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"model_kwargs[{name!r}] must be a tensor with one row per sample ({batch}), "
+                                 f"got {shape}")  # fmt: skip
+            extra[name] = value.to(device)
+        return extra or None
 
     def _noise_source(self, seeds, noise, device):
         if (seeds is None) == (noise is None):
@@ -351,8 +385,9 @@ class GuidedSampler:
         return self._runners[key]
 
     def step(
-        self, x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None, step: int = 0
-    ) -> tuple[StepOutput, StepRecord]:
+        self, x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None, step: int = 0,
+        model_kwargs: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[StepOutput, StepRecord]:  # fmt: skip
         """One guided step from respaced indices ``index`` (B,) (samples may sit at different steps), eagerly.
 
         Returns the update's output and the step's diagnostics; raises FloatingPointError (naming ``step``)
@@ -364,7 +399,9 @@ class GuidedSampler:
                 f"step() takes one step from any index, which the multistep solver {self.config.method!r} cannot "
                 "(it needs the previous steps): use sample() or steps()")  # fmt: skip
         y = y.to(x.device)
-        out, record, status, _ = self._runner(x).eager(x, index.to(x.device), y, noise, int(y.max()))
+        extra = self._model_kwargs(model_kwargs, x.shape[0], x.device)
+        out, record, status, _ = self._runner(x).eager(x, index.to(x.device), y, noise, int(y.max()), None, "call",
+                                                       extra)  # fmt: skip
         fault = first_fault([status], lambda k, b: int(record.t[b]), first_step=step)
         if fault is not None:
             raise FloatingPointError(fault)
@@ -379,6 +416,7 @@ class GuidedSampler:
         noise: FixedNoise | PerSampleNoise | GlobalNoise | None = None,
         device: torch.device | str | None = None,
         callback: Callable[[int, StepOutput, StepRecord], None] | None = None,
+        model_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> SampleResult:
         """Draw one sample per label.
 
@@ -389,6 +427,8 @@ class GuidedSampler:
                 :class:`GlobalNoise` (torch's global generator, as ADM draws it).
             device: where to sample; defaults to the model's device.
             callback: called after every step as ``callback(k, StepOutput(x_prev, pred_xstart), StepRecord)``.
+            model_kwargs: more keyword arguments of the eps-model at every step, tensors with one row per
+                sample (ADM's model_kwargs other than y, e.g. a super-resolution model's ``low_res``).
         Returns:
             :class:`SampleResult` with images (B, C, H, W), labels and the per-step trace.
         Raises:
@@ -396,7 +436,7 @@ class GuidedSampler:
             FloatingPointError: a network or the policy produced NaN/inf (names the first step and sample);
                 raised after the loop, which runs without host syncs.
         """
-        run = self.steps(labels, seeds, noise, device)
+        run = self.steps(labels, seeds, noise, device, model_kwargs)
         while True:
             try:
                 k, out, record = next(run)
@@ -411,6 +451,7 @@ class GuidedSampler:
         seeds: Sequence[int] | None = None,
         noise: FixedNoise | PerSampleNoise | GlobalNoise | None = None,
         device: torch.device | str | None = None,
+        model_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> Generator[tuple[int, StepOutput, StepRecord], None, SampleResult]:
         """:meth:`sample` as a generator: yields ``(k, StepOutput(x_prev, pred_xstart), StepRecord)`` after
         every step and returns the :class:`SampleResult`. Arguments are checked at the first ``next``; a
@@ -420,6 +461,7 @@ class GuidedSampler:
             raise ValueError(f"seeds must be a sequence with one seed per sample, got {seeds!r}")
         batch = len(seeds) if seeds is not None else (len(noise) if noise is not None else None)
         y = self._labels(labels, batch, device)
+        extra = self._model_kwargs(model_kwargs, len(y), device)
         max_label = int(y.max())  # the labels were checked on the host just before: no extra wait
         source = self._noise_source(seeds, noise, device)
         needs_noise = self.config.method == "ddpm" or self.config.eta > 0
@@ -440,7 +482,7 @@ class GuidedSampler:
                 z = source.step(k).to(device) if needs_noise else None
                 # the labels are checked against the classifier's logits at its first call (eagerly)
                 check = max_label if k <= first_call else -1
-                out, record, status, carry = runner(x, index, y, z, check, carry, plan[k])
+                out, record, status, carry = runner(x, index, y, z, check, carry, plan[k], extra)
             x = out.x_prev
             records.append(record)
             statuses.append(status)
@@ -512,9 +554,10 @@ class _Runner:
             self.compiled[guidance] = torch.compile(step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
         return self.compiled[guidance]
 
-    def eager(self, x, index, y, noise, max_label: int | None = None, carry=None, guidance: str = "call"):
+    def eager(self, x, index, y, noise, max_label: int | None = None, carry=None, guidance: str = "call",
+              model_kwargs=None):  # fmt: skip
         """The step run eagerly; with ``max_label``, the labels are checked against the classifier's logits."""
-        out = guided_step(self.spec, self.tables, x, index, y, noise, max_label, carry, guidance)
+        out = guided_step(self.spec, self.tables, x, index, y, noise, max_label, carry, guidance, model_kwargs)
         if max_label is not None and guidance == "call":  # the classifier saw the labels (or there is none)
             self.max_label_checked = max(self.max_label_checked, max_label)
         return out
@@ -526,24 +569,55 @@ class _Runner:
             self._indices[key] = torch.full((batch,), i, dtype=torch.long, device=self.tables.coefs.device)
         return self._indices[key]
 
-    def __call__(self, x, index, y, noise, max_label: int, carry: Carry, guidance: str = "call"):
+    def __call__(self, x, index, y, noise, max_label: int, carry: Carry, guidance: str = "call", model_kwargs=None):
         if self.compiled is None or not self.validated or max_label > self.max_label_checked:
             self.validated = True
-            return self.eager(x, index, y, noise, max_label, carry, guidance)
+            return self.eager(x, index, y, noise, max_label, carry, guidance, model_kwargs)
         try:
             with torch._dynamo.config.patch(trace_autograd_ops=True), _cudagraph_skips() as skips:
-                out = self._compiled(guidance)(x, index, y, noise, carry)  # autograd.grad inside the graph
+                out = self._compiled(guidance)(x, index, y, noise, carry, model_kwargs)  # autograd.grad inside
         except _COMPILE_REFUSALS as err:
             reason = " ".join(str(err).split())[:300]
-            warnings.warn(f"the guided step cannot be compiled, so it runs eagerly: {reason}", stacklevel=3)
             self.compiled = None
-            return guided_step(self.spec, self.tables, x, index, y, noise, None, carry, guidance)
+            if (self.spec.classifier is None and self.spec.cond_fn is None) or guidance != "call":
+                warnings.warn(f"the guided step cannot be compiled, so it runs eagerly: {reason}", stacklevel=3)
+            else:  # the guidance (a custom autograd.Function, a policy's host sync): compile the eps-model alone
+                if differentiates_parameters(self.spec.classifier):
+                    reason = ("the classifier differentiates the parameters it hands to an autograd.Function of its "
+                              "own (as ADM's original gradient checkpoint does), which torch.compile cannot trace")
+                warnings.warn(
+                    f"the guided step cannot be one compiled graph, so it runs with the eps-model compiled and the "
+                    f"rest of the step eagerly: {reason}", stacklevel=3)  # fmt: skip
+                self.spec = dataclasses.replace(self.spec, model=_CompiledModel(self.spec.model))
+            return guided_step(self.spec, self.tables, x, index, y, noise, None, carry, guidance, model_kwargs)
         if self.fast.cuda_graphs and skips and not self.graphs_refused:
             self.graphs_refused = True
             warnings.warn(f"the guided step runs compiled without CUDA graphs: {skips[0]}", stacklevel=3)
         if self.fast.cuda_graphs:  # a replay overwrites its outputs: keep copies
             out = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
         return out
+
+
+class _CompiledModel:
+    """The eps-model's forward compiled alone (the fallback when the whole step cannot be one graph); if it
+    cannot be compiled either, it says why once and calls the model as it is."""
+
+    def __init__(self, model: Callable):
+        self.model = model
+        backend = os.environ.get("FASTGUIDE_COMPILE_BACKEND", "inductor")
+        forward = _own_code(lambda x, t, **kwargs: model(x, t, **kwargs))
+        self.compiled = torch.compile(forward, fullgraph=True, dynamic=False, backend=backend)
+
+    def __call__(self, x, t, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(x, t, **kwargs)
+            except _COMPILE_REFUSALS as err:
+                reason = " ".join(str(err).split())[:300]
+                warnings.warn(f"the eps-model cannot be compiled either, so the step runs eagerly: {reason}",
+                              stacklevel=4)  # fmt: skip
+                self.compiled = None
+        return self.model(x, t, **kwargs)
 
 
 @contextlib.contextmanager
@@ -567,8 +641,8 @@ def _cudagraph_skips():
 
 
 def _step_of(spec: StepSpec, tables: StepTables, guidance: str) -> Callable:
-    def step(x, index, y, noise, carry):
-        return guided_step(spec, tables, x, index, y, noise, None, carry, guidance)
+    def step(x, index, y, noise, carry, model_kwargs):
+        return guided_step(spec, tables, x, index, y, noise, None, carry, guidance, model_kwargs)
 
     return step
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -100,12 +101,45 @@ def _networks(spec: StepSpec, x: torch.Tensor):
     return x, torch.autocast(x.device.type, dtype=spec.autocast)
 
 
-def _detached_call(net, *args):
-    """``net(*args)`` with its parameters detached, so that they never get gradients (nn.Module only)."""
+# classifiers with an autograd.Function of their own that differentiates the parameters it is handed
+# (ADM's original gradient checkpoint), found at their first pass (classifier_pass)
+_DIFFERENTIATES_PARAMETERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _input_gradient_call(net, *args):
+    """``net(*args)`` for a backward that differentiates its input only (nn.Module; anything else is called as is).
+
+    The parameters are stood in for by tensors that share their storage, so no parameter ever receives
+    ``.grad`` and autograd computes no parameter gradient (the backward asks for the input's alone, and the
+    weight-gradient halves of each layer's backward are pruned). The stand-ins are detached; for a network
+    whose own ``autograd.Function`` differentiates the parameters it is handed (ADM's original checkpoint:
+    ``autograd.grad(outputs, inputs + params)``, which fails on tensors that do not require grad) they are
+    leaves that require grad. Such a checkpoint recomputes its block in the backward with the module's own
+    parameters (the stand-ins are swapped back when the forward returns), so the stand-ins it asks about are
+    unused there and no parameter gradient is computed either.
+    """
     if not isinstance(net, nn.Module):
         return net(*args)
-    params = {name: p.detach() for name, p in net.named_parameters()}
+    # a compiled step traces detached stand-ins (such a checkpoint cannot be traced: the sampler then runs the
+    # classifier pass eagerly); the WeakSet stays out of the trace
+    leaves = not torch.compiler.is_compiling() and net in _DIFFERENTIATES_PARAMETERS
+    params = {name: p.detach().requires_grad_(leaves) for name, p in net.named_parameters()}
     return torch.func.functional_call(net, params, args)
+
+
+def differentiates_parameters(net) -> bool:
+    """Whether the classifier pass found that ``net`` differentiates the parameters it hands to an
+    ``autograd.Function`` of its own (ADM's original gradient checkpoint), which torch.compile cannot trace."""
+    return isinstance(net, nn.Module) and net in _DIFFERENTIATES_PARAMETERS
+
+
+def _differentiates_parameters(net, err: RuntimeError) -> bool:
+    """Whether ``err``, raised by the classifier's backward, says that the network differentiates the detached
+    stand-ins of its parameters; if so the network is remembered, to get stand-ins that require grad."""
+    if not isinstance(net, nn.Module) or net in _DIFFERENTIATES_PARAMETERS or "does not require grad" not in str(err):
+        return False
+    _DIFFERENTIATES_PARAMETERS.add(net)
+    return True
 
 
 def nonfinite_code(value: torch.Tensor) -> torch.Tensor:
@@ -123,10 +157,11 @@ def logits_code(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(nan, 1, torch.where(inf, 2, torch.where(none, 3, 0))).to(torch.int8)
 
 
-def eps_and_v(spec: StepSpec, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
-    """(ε, v or None) in float32 from the eps-model, and its raw output; the output's shape is checked."""
+def eps_and_v(spec: StepSpec, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, model_kwargs: dict | None = None):
+    """(ε, v or None) in float32 from the eps-model, and its raw output; the output's shape is checked.
+    ``model_kwargs`` are passed to the model as they are (ADM's model_kwargs, e.g. super-resolution's low_res)."""
     x_in, ctx = _networks(spec, x)
-    kwargs = {"y": y} if spec.class_cond else {}
+    kwargs = {**(model_kwargs or {}), **({"y": y} if spec.class_cond else {})}
     with torch.no_grad(), ctx:
         out = spec.model(x_in, t, **kwargs)
     b, c = x.shape[:2]
@@ -152,11 +187,21 @@ def classifier_pass(spec: StepSpec, x: torch.Tensor, t: torch.Tensor, y: torch.T
     cond_fn). For EDS the fused op also gives the scale γ·log K / max(H, floor)."""
     eds = spec.policy if isinstance(spec.policy, EntropyDriven) else None
     args = (1.0, 1e-6, 0.0) if eds is None else (eds.gamma, eds.entropy_floor, eds.max_scale or 0.0)
+    try:
+        logits, fused, grad = _classifier_pass(spec, x, t, y, max_label, args)
+    except RuntimeError as err:
+        if not _differentiates_parameters(spec.classifier, err):
+            raise
+        logits, fused, grad = _classifier_pass(spec, x, t, y, max_label, args)  # with stand-ins that require grad
+    return logits.detach(), fused, grad.float()
+
+
+def _classifier_pass(spec: StepSpec, x, t, y, max_label, args):
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         x_net, ctx = _networks(spec, x_in)
         with ctx:
-            logits = _detached_call(spec.classifier, x_net, t)
+            logits = _input_gradient_call(spec.classifier, x_net, t)
         if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             raise ValueError(f"classifier returned shape {tuple(logits.shape)}; expected ({x.shape[0]}, K)")
         if spec.num_classes is not None and logits.shape[1] != spec.num_classes:
@@ -165,7 +210,7 @@ def classifier_pass(spec: StepSpec, x: torch.Tensor, t: torch.Tensor, y: torch.T
             check_labels(max_label, logits.shape[1])
         fused = spec.entropy_op(logits.detach().float(), y, *args)
         (grad,) = torch.autograd.grad(logits, x_in, grad_outputs=fused.dlogits.to(logits.dtype))
-    return logits.detach(), fused, grad.float()
+    return logits, fused, grad
 
 
 def guidance_pass(
@@ -188,6 +233,7 @@ def guidance_pass(
 def guided_step(
     spec: StepSpec, tables: StepTables, x: torch.Tensor, index: torch.Tensor, y: torch.Tensor,
     noise: torch.Tensor | None, max_label: int | None = None, carry: Carry | None = None, guidance: str = "call",
+    model_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[StepOutput, StepRecord, torch.Tensor, Carry]:  # fmt: skip
     """One guided step of every sample from its respaced index ``index`` (B,) (samples may differ).
 
@@ -199,6 +245,8 @@ def guided_step(
             step): the multistep solvers' history and the last guidance. None: zeros.
         guidance: ``"call"`` the classifier, ``"reuse"`` the carried scale and gradient, or ``"off"`` (no
             guidance at this step) (:func:`guidance_plan`). Only "call" applies to unguided or cond_fn steps.
+        model_kwargs: more keyword arguments of the eps-model (and of a cond_fn), per-sample tensors (B, ...),
+            as ADM's loops pass model_kwargs (super-resolution's ``low_res``); None: none.
     Returns:
         (StepOutput(x_{t−1}, x̂0), StepRecord, status, carry): status is (len(CHECKS), B) int8, nonzero where
         a check failed (:func:`nonfinite_code`, :func:`logits_code`); nothing is raised for values.
@@ -208,7 +256,7 @@ def guided_step(
     coefs, t_model, t_orig = tables.coefs[index], tables.t_model[index], tables.t_orig[index]
     carry = Carry.zeros(x) if carry is None else carry
     nonzero = (index != 0).float()
-    eps, v, raw = eps_and_v(spec, x, t_model, y)
+    eps, v, raw = eps_and_v(spec, x, t_model, y, model_kwargs)
     zeros = torch.zeros(x.shape[0], dtype=torch.int8, device=x.device)
     eps_status = nonfinite_code(raw) if spec.check_finite else zeros
     if spec.classifier is not None and guidance != "call":  # the classifier is not called at this step
@@ -220,7 +268,7 @@ def guided_step(
         scale = scale if guidance == "reuse" else None
     elif spec.cond_fn is not None:  # an ADM cond_fn gives the scaled gradient: applied with s = 1
         with _networks(spec, x)[1]:  # its classifier under the networks' autocast
-            grad = spec.cond_fn(x, t_model, y=y).float()
+            grad = spec.cond_fn(x, t_model, y=y, **(model_kwargs or {})).float()
         scale = torch.ones(x.shape[0], device=x.device)
         record = StepRecord(t_orig, None, scale, grad.flatten(1).norm(dim=1), None)
         grad_status = nonfinite_code(grad) if spec.check_finite else zeros

@@ -159,8 +159,8 @@ def test_unsupported_loop_arguments_are_errors_naming_them():
     net, shape = g.unets["cond"], tuple(g.x_T.shape)
     with pytest.raises(ValueError, match="denoised_fn is not supported"):
         fast.ddim_sample_loop(net, shape, denoised_fn=lambda x: x, model_kwargs={"y": g.y})
-    with pytest.raises(ValueError, match=r"model_kwargs other than y are not supported: \['low_res'\]"):
-        fast.ddim_sample_loop(net, shape, model_kwargs={"y": g.y, "low_res": g.x_T})
+    with pytest.raises(ValueError, match=r"model_kwargs\['low_res'\] must be a tensor with one row per sample \(4\), got \(1, 3"):
+        fast.ddim_sample_loop(net, shape, model_kwargs={"y": g.y, "low_res": g.x_T[:1]})
     with pytest.raises(ValueError, match="cond_fn needs the target classes"):
         fg.adm.eds_cond_fn(g.classifier, 1.0)(g.x_T, torch.zeros(len(g.y), dtype=torch.long))
 

@@ -179,15 +179,14 @@ class AcceleratedDiffusion:
         if denoised_fn is not None:
             raise ValueError("denoised_fn is not supported by fastguide's loops; call the wrapped diffusion's own")
         kwargs = dict(model_kwargs or {})
-        y = kwargs.pop("y", None)
-        if kwargs:
-            raise ValueError(f"model_kwargs other than y are not supported: {sorted(kwargs)}")
+        y = kwargs.pop("y", None)  # the rest (e.g. super-resolution's low_res) goes to the model as ADM passes it
         shape = tuple(int(s) for s in shape)
         if device is None:
             device = next(model.parameters()).device if isinstance(model, nn.Module) else torch.device("cpu")
         labels = torch.zeros(shape[0], dtype=torch.long) if y is None else y
         sampler = self._sampler(model, cond_fn, method, eta, clip_denoised, y is not None, shape, progress)
-        for _, out, _ in sampler.steps(labels, noise=GlobalNoise(shape, device, noise), device=device):
+        steps = sampler.steps(labels, noise=GlobalNoise(shape, device, noise), device=device, model_kwargs=kwargs)
+        for _, out, _ in steps:
             yield {"sample": out.x_prev, "pred_xstart": out.pred_xstart}
         if method == "ddim" and eta == 0:  # ADM draws (and multiplies by 0) one noise tensor per step
             for _ in range(self.schedule.num_steps):
@@ -211,8 +210,8 @@ class AcceleratedDiffusion:
             if not callable(cond_fn):
                 raise TypeError(f"cond_fn must be callable, got {type(cond_fn).__name__}")
 
-            def adm_cond_fn(x, t, y):
-                return cond_fn(x, t, y=y) if class_cond else cond_fn(x, t)
+            def adm_cond_fn(x, t, y, **kwargs):  # ADM calls cond_fn(x, t, **model_kwargs)
+                return cond_fn(x, t, y=y, **kwargs) if class_cond else cond_fn(x, t, **kwargs)
 
             sampler = GuidedSampler(net, None, self.schedule, NoGuidance(), config, image_shape=shape[1:],
                                     class_cond=class_cond, cond_fn=adm_cond_fn)  # fmt: skip
@@ -232,8 +231,9 @@ def accelerate(diffusion, config: SamplerConfig | None = None) -> AcceleratedDif
     (``diffusion = fastguide.adm.accelerate(diffusion)``). ``config`` sets fastguide's fast path
     (compile, precision, ...); method, eta, clipping and variance come from each call and the object.
 
-    Differences from ADM's loops, each an error rather than a silent change: ``denoised_fn`` and
-    model_kwargs other than ``y`` are not supported. x0-prediction models (``predict_xstart``) are sampled as
+    Differences from ADM's loops, each an error rather than a silent change: ``denoised_fn`` is not
+    supported. model_kwargs go to the model at every step as ADM passes them (``y`` to the classifier
+    too; super-resolution's ``low_res``), and to an ADM cond_fn. x0-prediction models (``predict_xstart``) are sampled as
     eps-models through :class:`fastguide.diffusion.XStartToEps`.
     ``*_progressive`` raises a non-finite value (NaN/inf from a network) when the loop ends.
     """
