@@ -19,6 +19,7 @@ import inspect
 import itertools
 import logging
 import math
+import numbers
 import os
 import types
 import warnings
@@ -26,6 +27,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -66,7 +68,11 @@ class SamplerConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
-        if not (math.isfinite(self.eta) and 0 <= self.eta <= 1):
+        for name in ("clip_denoised", "check_finite", "progress"):  # a string such as "no" or "False" is truthy
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, bool(getattr(self, name)))
+        if not _number(self.eta, (numbers.Real,)) or not (math.isfinite(self.eta) and 0 <= self.eta <= 1):
             # eta > 1 makes 1 − ᾱ_{t−1} − σ² negative in the DDIM update
             raise ValueError(f"eta must be in [0, 1], got {self.eta!r}")
         if self.eta != 0 and self.method != "ddim":
@@ -141,7 +147,7 @@ def _takes_low_res(net) -> bool:
 
 def _number(value, kinds: tuple[type, ...] = (int, float)) -> bool:
     """``value`` is one of ``kinds`` and not a bool (which is an int to isinstance)."""
-    return isinstance(value, kinds) and not isinstance(value, bool)
+    return isinstance(value, kinds) and not isinstance(value, (bool, np.bool_))
 
 
 PRECISIONS = {"auto": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -532,8 +538,10 @@ _COMPILE_REFUSALS = (
 class _Runner:
     """The step of one sampler on one device and batch shape: eager, or compiled (and graph-replayed).
 
-    The first call for a shape runs eagerly, which checks the networks' output shapes with proper errors;
-    later calls run the compiled step. If compiling is impossible, it says why once and stays eager.
+    Compiled, the first call for a shape (and a call with a larger label than before) also runs the step
+    eagerly, to check the networks' output shapes and the labels with proper errors, and drops that result:
+    a sample never depends on which calls came before it. If the step cannot be one graph, it says why once
+    and runs with the eps-model compiled alone (or eagerly), from its first result on.
     """
 
     def __init__(self, spec: StepSpec, tables: StepTables, fast: FastPath):
@@ -570,9 +578,13 @@ class _Runner:
         return self._indices[key]
 
     def __call__(self, x, index, y, noise, max_label: int, carry: Carry, guidance: str = "call", model_kwargs=None):
-        if self.compiled is None or not self.validated or max_label > self.max_label_checked:
-            self.validated = True
+        if self.compiled is None:
             return self.eager(x, index, y, noise, max_label, carry, guidance, model_kwargs)
+        if not self.validated or max_label > self.max_label_checked:
+            # the checks (output shapes, labels against the logits) run eagerly, with proper errors; their result
+            # is dropped: every result of a compiled runner is the compiled step's, whatever ran before it
+            self.eager(x, index, y, noise, max_label, carry, guidance, model_kwargs)
+            self.validated = True
         try:
             with torch._dynamo.config.patch(trace_autograd_ops=True), _cudagraph_skips() as skips:
                 out = self._compiled(guidance)(x, index, y, noise, carry, model_kwargs)  # autograd.grad inside

@@ -219,3 +219,29 @@ def test_cuda_graphs_that_cannot_be_captured_are_said_once_and_the_step_stays_co
     assert graphs() == 1
     want = sampler(compile=False).sample([1, 2], seeds=[0, 1])
     torch.testing.assert_close(got.images, want.images, rtol=1e-5, atol=1e-5)
+
+
+class MarksCompiled(torch.nn.Module):
+    """The tiny UNet, whose output shows whether it ran inside a compiled graph (+1e-3 there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_nets()[0]
+        self.num_classes, self.in_channels, self.image_size = K, 3, 8
+
+    def forward(self, x, t, y=None):
+        return self.net(x, t, y) + (1e-3 if torch.compiler.is_compiling() else 0.0)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_sample_does_not_depend_on_the_calls_before_it(compile, precision):
+    """The first call of a compiled sampler (which checks shapes and labels eagerly) and a call with a new
+    largest label give what every later call gives: each result comes from one path, the compiled one."""
+    s = sampler(unet=MarksCompiled(), compile=compile, precision=precision)
+    runs = [s.sample([1, 2], seeds=[0, 1]), s.sample([1, 2], seeds=[0, 1]), s.sample([3, 2], seeds=[0, 1]),
+            s.sample([1, 2], seeds=[0, 1])]  # fmt: skip
+    for got in runs[1:]:
+        assert torch.equal(got.images[1], runs[0].images[1])
+    assert torch.equal(runs[3].images, runs[0].images)
+    assert graphs() == (1 if compile else 0)

@@ -536,3 +536,18 @@ def test_fp16_adm_unet_samples_like_the_float32_one():
     half = sampler(model=unet(True), policy=fg.Constant(1.0)).sample([1], seeds=[0]).images
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full, rtol=0, atol=5e-2)
+
+
+@pytest.mark.parametrize("field, value", [("clip_denoised", "no"), ("check_finite", "False"), ("progress", 1),
+                                          ("clip_denoised", None), ("eta", True), ("eta", "0.5")])  # fmt: skip
+def test_sampler_config_refuses_truthy_stand_ins_for_booleans_and_numbers(field, value):
+    """A string is truthy and True is 1 to arithmetic: neither may pass as a bool or as eta."""
+    with pytest.raises(ValueError, match=rf"{field} must be .*got {value!r}"):
+        fg.SamplerConfig(**{field: value})
+
+
+def test_sampler_config_takes_numpy_booleans_and_numbers():
+    import numpy as np
+
+    config = fg.SamplerConfig(clip_denoised=np.bool_(False), eta=np.float32(0.5))
+    assert config.clip_denoised is False and config.eta == 0.5
