@@ -20,6 +20,7 @@ Any callable ``policy(state) -> (B,) scale`` can be passed instead.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -103,9 +104,13 @@ def _full(state: GuidanceState, value: float) -> torch.Tensor:
     return torch.full_like(state.entropy, float(value))
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # scales are float32 tensors
+
+
 def _check_finite(name: str, value: float) -> None:
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not (
+            math.isfinite(value) and abs(value) <= FLOAT32_MAX):  # fmt: skip
+        raise ValueError(f"{name} must be a finite float32 number (|{name}| <= {FLOAT32_MAX:.4g}), got {value!r}")
 
 
 def _check_strength(name: str, value: float) -> None:

@@ -38,8 +38,8 @@ from .noise import FixedNoise, GlobalNoise, PerSampleNoise
 from .schedule import Schedule
 from .solvers import MULTISTEP, Carry
 from .step import (
-    StepRecord, StepSpec, StepTables, differentiates_parameters, first_fault, guidance_plan, guided_step,
-    nonfinite_code,
+    CHECKS, StepRecord, StepSpec, StepTables, differentiates_parameters, fault_location, first_fault, guidance_plan,
+    guided_step, nonfinite_code,
 )  # fmt: skip
 
 METHODS = ("ddpm", "ddim", *MULTISTEP)
@@ -135,6 +135,21 @@ class SamplerConfig:
         precision = ("bfloat16" if cuda else "float32") if self.precision == "auto" else self.precision
         channels_last = cuda if self.channels_last is None else self.channels_last
         return FastPath(compile_, graphs, PRECISIONS[precision], channels_last)
+
+
+def _guidance_before(found, records: list[StepRecord]) -> str:
+    """For a network's non-finite output at a step after the first: the guidance the step before gave that
+    sample (a finite but huge update makes the next network call overflow), or ""."""
+    if found is None or found[0] == 0 or CHECKS[found[1]] not in ("eps-model output", "classifier logits"):
+        return ""
+    before, sample = records[found[0] - 1], found[2]
+    if before.scale is None or before.grad_norm is None:
+        return ""
+    scale, norm = float(before.scale[sample]), float(before.grad_norm[sample])
+    if not math.isfinite(norm) or scale * norm < 1e3:  # an ordinary guidance: say nothing of it
+        return ""
+    return (f"; the step before applied guidance s = {scale:.3g} with ‖s·∇‖ = {scale * norm:.3g} to this sample, which "
+            "pushes x_t far out of the networks' range: lower the guidance scale")
 
 
 def _takes_low_res(net) -> bool:
@@ -496,6 +511,8 @@ class GuidedSampler:
             progress.update(1)
         progress.close()
         fault = first_fault(statuses, lambda k, b: self._t_at(k))
+        if fault is not None:
+            fault += _guidance_before(fault_location(statuses), records)
         if fault is None and self.config.check_finite:
             fault = first_fault([nonfinite_code(x)[None]], lambda k, b: self._t_at(k), ("sample",), first_step=n - 1)
         if fault is not None:

@@ -31,7 +31,7 @@ from .schedule import Schedule, StepCoefficients
 from .solvers import MULTISTEP, Carry, multistep_table, multistep_update
 
 # what each row of a step's status tensor reports (in the order a fault is looked for within a step)
-CHECKS = ("eps-model output", "classifier logits", "guidance scale", "classifier gradient")
+CHECKS = ("eps-model output", "classifier logits", "guidance scale", "classifier gradient", "guided update")
 NONFINITE = {1: "nan", 2: "inf", 3: "-inf"}  # status codes of a tensor's non-finite values
 LOGIT_FAULTS = {1: "nan", 2: "inf", 3: "-inf for every class"}  # status codes of a row of logits
 GUIDANCE_ACTIONS = ("call", "reuse", "off")  # what a step does with the classifier (guidance_plan)
@@ -264,7 +264,7 @@ def guided_step(
         grad = carry.grad if guidance == "reuse" else None
         unknown = torch.full_like(scale, math.nan)
         record = StepRecord(t_orig, unknown, scale, unknown, unknown)
-        status = torch.stack([eps_status, zeros, zeros, zeros])
+        status = [eps_status, zeros, zeros, zeros]
         scale = scale if guidance == "reuse" else None
     elif spec.cond_fn is not None:  # an ADM cond_fn gives the scaled gradient: applied with s = 1
         with _networks(spec, x)[1]:  # its classifier under the networks' autocast
@@ -272,11 +272,11 @@ def guided_step(
         scale = torch.ones(x.shape[0], device=x.device)
         record = StepRecord(t_orig, None, scale, grad.flatten(1).norm(dim=1), None)
         grad_status = nonfinite_code(grad) if spec.check_finite else zeros
-        status = torch.stack([eps_status, zeros, zeros, grad_status])
+        status = [eps_status, zeros, zeros, grad_status]
     elif spec.classifier is None:
         grad = scale = None
         record = StepRecord(t_orig, None, None, None, None)
-        status = torch.stack([eps_status, zeros, zeros, zeros])
+        status = [eps_status, zeros, zeros, zeros]
     else:
         logits, fused, grad, grad_norm, scale = guidance_pass(spec, x, t_model, t_orig, y, max_label)
         scale_status = nonfinite_code(scale)
@@ -284,7 +284,7 @@ def guided_step(
         logit_status = logits_code(logits) if spec.check_finite else torch.where(scale_status != 0, logits_code(logits), 0)
         grad_status = nonfinite_code(grad) if spec.check_finite else zeros
         record = StepRecord(t_orig, fused.entropy, scale, grad_norm, fused.log_prob.exp())
-        status = torch.stack([eps_status, logit_status.to(torch.int8), scale_status, grad_status])
+        status = [eps_status, logit_status.to(torch.int8), scale_status, grad_status]
     if grad is not None and guidance == "call":
         carry = carry._replace(scale=scale, grad=grad)
     if spec.method in MULTISTEP:
@@ -310,7 +310,9 @@ def guided_step(
         x_prev, xstart = spec.update_op(
             x, eps, v, grad, scale, noise, coefs, nonzero, VARIANCE_CODES[variance], spec.clip_denoised
         )
-    return StepOutput(x_prev, xstart), record, status, carry
+    # a finite scale and gradient whose product overflows float32 show here, not as the next step's eps-model
+    update_status = nonfinite_code(x_prev) if spec.check_finite else zeros
+    return StepOutput(x_prev, xstart), record, torch.stack([*status, update_status]), carry
 
 
 def guidance_plan(timesteps: list[int], interval: tuple[int, int] | None, every: int) -> list[str]:
@@ -328,12 +330,9 @@ def guidance_plan(timesteps: list[int], interval: tuple[int, int] | None, every:
     return plan
 
 
-def first_fault(
-    statuses: list[torch.Tensor], t_of: Callable[[int, int], int], checks: tuple[str, ...] = CHECKS, first_step: int = 0
-) -> str | None:
-    """The message of the first non-finite value in per-step statuses (earliest step, then ``checks`` order,
-    then the lowest sample), or None. Step k of the list is step ``first_step + k`` of the run; ``t_of(step,
-    sample)`` gives the original timestep named in the message. One host sync for the whole run."""
+def fault_location(statuses: list[torch.Tensor]) -> tuple[int, int, int, int] | None:
+    """(step of the list, check, sample, code) of the first non-finite value in per-step statuses (earliest
+    step, then the checks' order, then the lowest sample), or None. One host sync."""
     if not statuses:
         return None
     codes = torch.stack(statuses).cpu()  # (S, len(checks), B)
@@ -341,9 +340,25 @@ def first_fault(
     if not len(bad):
         return None
     k, check, sample = (int(v) for v in bad[0])  # nonzero() lists indices in row-major order
+    return k, check, sample, int(codes[k, check, sample])
+
+
+def first_fault(
+    statuses: list[torch.Tensor], t_of: Callable[[int, int], int], checks: tuple[str, ...] = CHECKS, first_step: int = 0
+) -> str | None:
+    """The message of the first non-finite value in per-step statuses (earliest step, then ``checks`` order,
+    then the lowest sample), or None. Step k of the list is step ``first_step + k`` of the run; ``t_of(step,
+    sample)`` gives the original timestep named in the message. One host sync for the whole run."""
+    found = fault_location(statuses)
+    if found is None:
+        return None
+    k, check, sample, code = found
     step = first_step + k
-    code, where = int(codes[k, check, sample]), f"for sample {sample} at step {step} (t={t_of(step, sample)})"
+    where = f"for sample {sample} at step {step} (t={t_of(step, sample)})"
     if checks[check] == "classifier logits":
         return (f"classifier logits are {LOGIT_FAULTS[code]} {where}: p(y|x_t), its entropy and the guidance scale "
                 "are undefined")  # fmt: skip
+    if checks[check] == "guided update":
+        return (f"the guided update gave {NONFINITE[code]} {where} from finite network outputs: the guidance "
+                "(scale times gradient) is too large for float32")  # fmt: skip
     return f"{checks[check]} is {NONFINITE[code]} {where}"

@@ -551,3 +551,41 @@ def test_sampler_config_takes_numpy_booleans_and_numbers():
 
     config = fg.SamplerConfig(clip_denoised=np.bool_(False), eta=np.float32(0.5))
     assert config.clip_denoised is False and config.eta == 0.5
+
+
+@pytest.mark.parametrize("make", [lambda: fg.Constant(1e300), lambda: fg.EntropyDriven(1e39),
+                                  lambda: fg.ConstantRange(c=-1e39), lambda: fg.Constant("3")],
+                         ids=["1e300", "1e39", "-1e39", "string"])  # fmt: skip
+def test_a_strength_beyond_float32_is_refused_when_the_policy_is_made(make):
+    with pytest.raises(ValueError, match=r"must be a finite float32 number .* got"):
+        make()
+
+
+class Sharp(ToyClassifier):
+    """A classifier whose gradient is large (1e3 times the toy's)."""
+
+    def forward(self, x, t):
+        return 1e3 * super().forward(x, t)
+
+
+def test_a_guidance_that_overflows_the_update_is_named_as_such():
+    """A finite scale times a finite gradient beyond float32: the update is blamed, not the next step's model."""
+    s = sampler(clf=Sharp(), policy=fg.Constant(3e38))
+    with pytest.raises(FloatingPointError, match=r"the guided update gave (nan|-?inf) for sample \d at step 0 .*too large "
+                       "for float32"):  # fmt: skip
+        s.sample([1, 2], seeds=[0, 1])
+
+
+class Overflows(ToyEps):
+    """NaN for inputs beyond 1e20 (as a real network's GroupNorm overflows)."""
+
+    def forward(self, x, t, y=None):
+        out = super().forward(x, t, y)
+        return torch.where(x.abs().amax(dim=(1, 2, 3), keepdim=True) > 1e20, math.nan, out)
+
+
+def test_a_network_that_fails_after_a_huge_update_says_which_guidance_came_before():
+    s = sampler(model=Overflows(), policy=fg.Constant(1e30))
+    with pytest.raises(FloatingPointError, match=r"eps-model output is nan for sample 0 at step 1 .* the step before "
+                       r"applied guidance s = 1e\+30 with ‖s·∇‖ = .* lower the guidance scale"):  # fmt: skip
+        s.sample([1, 2], seeds=[0, 1])
