@@ -268,3 +268,17 @@ def test_adaptive_and_spatial_pool_key_sets():
     # spatial heads read the mean of every input block and the middle block: 32 + 32 + 32 + 64 + 64
     m = EncoderUNetModel(16, 3, 32, 10, 1, (), channel_mult=(1, 2), pool="spatial")
     assert m.out[0].weight.shape == (2048, 32 + 32 + 32 + 64 + 64)
+
+
+def test_a_pickled_module_is_refused_in_one_line_saying_how_to_save_its_weights(tmp_path):
+    path = tmp_path / "whole.pt"
+    torch.save(torch.nn.Linear(2, 2), path)  # torch.save(model) instead of model.state_dict()
+    with pytest.raises(ValueError) as caught:
+        load_state_dict(path)
+    message = str(caught.value)
+    assert "\n" not in message and "\x1b" not in message and "weights_only=False" not in message
+    assert "whole.pt" in message and "torch.nn.modules.linear.Linear" in message
+    assert "torch.save(model.state_dict(), path)" in message
+    (tmp_path / "junk.pt").write_bytes(b"garbage\x00")
+    with pytest.raises(ValueError, match=r"junk.pt': not a readable weights-only checkpoint \(Unsupported operand"):
+        load_state_dict(tmp_path / "junk.pt")

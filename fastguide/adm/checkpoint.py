@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 from torch import nn
@@ -36,12 +37,25 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as err:  # torch raises UnpicklingError for refused payloads
-            raise ValueError(f"refusing to load {str(path)!r}: not a weights-only checkpoint ({err})") from err
+            raise ValueError(weights_only_refusal(path, err)) from None
     else:
         raise ValueError(f"unknown checkpoint format {path.suffix!r} for {str(path)!r}; use .safetensors or .pt")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{str(path)!r} does not hold a state_dict (a mapping of names to tensors)")
     return state
+
+
+def weights_only_refusal(path, err: Exception) -> str:
+    """One line on a .pt file torch's weights-only unpickler refused or could not read (torch's own message is
+    ~1300 characters with terminal escapes and advises weights_only=False, which would run the file's code)."""
+    text = " ".join(str(err).split())
+    found = re.search(r"(?:Unsupported global: GLOBAL|GLOBAL) ([\w.]+)", text)
+    if found:  # a pickled object, e.g. a whole nn.Module saved with torch.save(model, ...)
+        return (f"refusing to load {str(path)!r}: it holds a pickled object ({found.group(1)}), not just tensors; "
+                "fastguide does not run a file's code. Save the weights instead: torch.save(model.state_dict(), path)")
+    cause = err.__context__ if "WeightsUnpickler error" in text and err.__context__ is not None else err
+    reason = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(cause).split()))[:200]  # no terminal colour codes
+    return f"refusing to load {str(path)!r}: not a readable weights-only checkpoint ({reason or type(cause).__name__})"
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:

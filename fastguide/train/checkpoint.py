@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..adm.checkpoint import weights_only_refusal
 from ..files import atomic_write, make_temp_dir
 
 LATEST = "latest"
@@ -225,5 +226,5 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"refusing to load {str(path / 'state.pt')!r}: not a weights-only checkpoint ({err})") from err
+        raise ValueError(weights_only_refusal(path / "state.pt", err)) from None
     return weights, state
