@@ -206,27 +206,29 @@ def generate(
             j -= 1
         source[k] = j
     wanted = set(grad_map_steps) | set(source.values())
-    for start in range(0, len(labels), batch_size):
-        lab, sd = list(labels[start : start + batch_size]), list(seeds[start : start + batch_size])
-        first = max(0, min(grad_map_samples - start, len(lab)))
+    try:  # the bar is closed (its line cleared) also when an error or Ctrl-C ends the run
+        for start in range(0, len(labels), batch_size):
+            lab, sd = list(labels[start : start + batch_size]), list(seeds[start : start + batch_size])
+            first = max(0, min(grad_map_samples - start, len(lab)))
 
-        def on_step(k, out, record, first=first, n=len(lab)):
-            if first and k + 1 in wanted:
-                kept.setdefault(k + 1, []).append(out.x_prev[:first].detach().clone())
-            bar.update(n)
+            def on_step(k, out, record, first=first, n=len(lab)):
+                if first and k + 1 in wanted:
+                    kept.setdefault(k + 1, []).append(out.x_prev[:first].detach().clone())
+                bar.update(n)
 
-        if first and 0 in wanted:
-            from .noise import PerSampleNoise
+            if first and 0 in wanted:
+                from .noise import PerSampleNoise
 
-            kept.setdefault(0, []).append(PerSampleNoise(sd[:first], sampler.image_shape, device).initial())
-        try:
-            with flush_denormals(device.type == "cpu"):
-                result = sampler.sample(lab, seeds=sd, device=device, callback=on_step)
-        except FloatingPointError as err:  # name the sample by its place in the whole run
-            raise FloatingPointError(f"{err} (sample numbers count from sample {start} of this run)") from None
-        images.append(to_uint8(result.images).cpu().numpy())
-        traces.append(result.trace)
-    bar.close()
+                kept.setdefault(0, []).append(PerSampleNoise(sd[:first], sampler.image_shape, device).initial())
+            try:
+                with flush_denormals(device.type == "cpu"):
+                    result = sampler.sample(lab, seeds=sd, device=device, callback=on_step)
+            except FloatingPointError as err:  # name the sample by its place in the whole run
+                raise FloatingPointError(f"{err} (sample numbers count from sample {start} of this run)") from None
+            images.append(to_uint8(result.images).cpu().numpy())
+            traces.append(result.trace)
+    finally:
+        bar.close()
     grad_maps, x_maps = {}, {}
     if kept and sampler.classifier is not None:
         y = torch.as_tensor(list(labels[:grad_map_samples]), device=device)

@@ -282,12 +282,14 @@ def test_accelerate_passes_model_kwargs_as_adms_loops_do_super_resolution(loop, 
     assert torch.equal(got_next, want_next)
     # low_res matters: another low-resolution image gives other samples
     torch.manual_seed(4)
-    other = getattr(fg.adm.accelerate(diffusion), loop)(model, SHAPE, model_kwargs={**kwargs, "low_res": -kwargs["low_res"]})
+    flipped = {**kwargs, "low_res": -kwargs["low_res"]}
+    other = getattr(fg.adm.accelerate(diffusion), loop)(model, SHAPE, model_kwargs=flipped)
     assert not torch.equal(other, got)
 
 
 def test_guided_sampler_takes_model_kwargs_per_sample():
-    """GuidedSampler.sample(model_kwargs=): each sample's row goes with it, and a bad model_kwargs is one error naming it, before any network call."""
+    """GuidedSampler.sample(model_kwargs=): each sample's row goes with it, and a bad model_kwargs is one error
+    naming it, before any network call."""
 
     class LowResUNet(torch.nn.Module):  # an eps-model that adds a per-sample image to its output
         def __init__(self):
@@ -307,7 +309,8 @@ def test_guided_sampler_takes_model_kwargs_per_sample():
     other = sampler.sample([1, 2, 3], seeds=[0, 1, 2], model_kwargs={"low_res": changed})
     assert torch.equal(other.images[:2], both.images[:2])
     assert not torch.equal(other.images[2], both.images[2])
-    for bad, match in (({"low_res": low[:2]}, r"model_kwargs\['low_res'\] must be a tensor with one row per sample \(3\), got \(2, 3, 8, 8\)"),
+    rows = r"model_kwargs\['low_res'\] must be a tensor with one row per sample \(3\), got \(2, 3, 8, 8\)"
+    for bad, match in (({"low_res": low[:2]}, rows),
                        ({"y": low}, "model_kwargs name 'y' is not a keyword argument name other than 'y'"),
                        ({"low_res": 1.0}, r"model_kwargs\['low_res'\] must be a tensor .* got float"),
                        ([low], "model_kwargs must be a dict of tensors, got list")):  # fmt: skip

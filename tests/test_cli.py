@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -437,3 +438,41 @@ def test_an_empty_respacing_is_every_step_as_in_adm():
 
     assert make_sampler(nets, Constant(1.0), "ddim", "").schedule.num_steps == 1000
     assert make_sampler(nets, Constant(1.0), "ddim", None).schedule.num_steps == 25
+
+
+@pytest.mark.parametrize("signum, status, what", [(2, 130, "Ctrl-C \\(SIGINT\\)"), (15, 143, "SIGTERM")],
+                         ids=["SIGINT", "SIGTERM"])  # fmt: skip
+def test_an_interrupted_sample_ends_in_one_line_and_leaves_nothing(tmp_path, signum, status, what):
+    """Ctrl-C or SIGTERM while sampling: one line (no traceback), exit 130/143, no output and no litter."""
+    import time
+
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "fastguide", "sample", "--count", "200", "--out",
+                                 str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=stderr)  # fmt: skip
+        deadline = time.monotonic() + 120
+        while "sampling:" not in err.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == status
+    text = err.read_text()
+    assert "Traceback" not in text
+    last = text.replace("\r", "\n").strip().splitlines()[-1]
+    assert re.fullmatch(rf"fastguide sample: interrupted: stopped by {what}", last), last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stderr.txt"]
+
+
+def test_an_os_error_at_run_time_is_one_line_with_status_1(tmp_path, monkeypatch, capsys):
+    """A full disk (or any OS error that is not the input's) while writing: one line naming it, status 1."""
+    import errno
+
+    import fastguide.files as files
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[0]))
+
+    monkeypatch.setattr(files.os, "replace", full)
+    assert main(["sample", "--count", "1", "--out", str(tmp_path / "out"), "--respacing", "ddim2", "--quiet"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"fastguide sample: error: No space left on device \(.*\)", line), line
+    assert not (tmp_path / "out").exists()
