@@ -314,3 +314,17 @@ def test_random_flip_rejects_bad_input():
         random_flip(torch.zeros(3, 4, 5), torch.zeros(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="torch.float32"):
         random_flip(torch.zeros(2, 1, 2, 2), torch.zeros(2))
+
+
+def test_a_fifo_or_broken_link_named_like_an_image_is_refused_naming_it(tmp_path):
+    """A FIFO named x.png would block the first reader forever; a broken link would fail mid-training."""
+    import os
+
+    save(tmp_path / "cat" / "a.png", color=RED)
+    os.mkfifo(tmp_path / "cat" / "x.png")
+    with pytest.raises(ValueError, match=r"cat/x.png is not a regular file \(a FIFO, socket or device\)"):
+        image_folder(tmp_path, 16, labels="subfolders")
+    os.unlink(tmp_path / "cat" / "x.png")
+    os.symlink(tmp_path / "nowhere.png", tmp_path / "cat" / "y.png")
+    with pytest.raises(ValueError, match=r"cat/y.png is a broken link"):
+        image_folder(tmp_path, 16, labels="subfolders")

@@ -297,6 +297,11 @@ def find_images(root: Path) -> list[Path]:
     found = []
     for folder, _, files in os.walk(root, followlinks=True):
         found += [Path(folder, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    special = [p for p in found if not p.is_file()]  # a FIFO, socket or device would block or fail a reader
+    if special:
+        kind = "a broken link" if not special[0].exists() else "not a regular file (a FIFO, socket or device)"
+        raise ValueError(f"{special[0]} is {kind}; an image folder holds image files only"
+                         + (f" ({len(special) - 1} more such)" if len(special) > 1 else ""))  # fmt: skip
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
