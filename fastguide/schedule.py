@@ -70,8 +70,10 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int] | 
         section_counts = str(section_counts)
     if isinstance(section_counts, str):
         text = section_counts.strip()
-        if text == "":
+        if section_counts == "":
             return list(range(num_timesteps))
+        if text == "":  # "" keeps every step (ADM); blanks are more likely a shell variable gone empty
+            raise ValueError(f"respacing {section_counts!r} is blank: give '' to keep every step, or e.g. 'ddim25'")
         if text.startswith("ddim"):
             desired = _parse_int(text[len("ddim") :], section_counts)
             if desired < 1:

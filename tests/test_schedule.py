@@ -123,3 +123,11 @@ def test_coefficients_are_float64_tables_cast_once():
     assert c.posterior_variance.flatten()[1].item() == 0.0
     post1 = s.betas[1] * (1 - ac[0]) / (1 - ac[1])
     assert c.posterior_log_variance_clipped.flatten()[1].item() == pytest.approx(math.log(post1), rel=1e-6)
+
+
+def test_a_blank_respacing_is_refused_while_empty_keeps_every_step():
+    from fastguide.schedule import space_timesteps
+
+    assert space_timesteps(10, "") == list(range(10))
+    with pytest.raises(ValueError, match=r"respacing ' ' is blank: give '' to keep every step"):
+        space_timesteps(10, " ")

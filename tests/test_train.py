@@ -617,3 +617,9 @@ def test_ema_warmup_forgets_the_random_initial_weights(tmp_path, small_sets):
 
     final = plain.model.state_dict()
     assert distance(warm.ema, final) < 0.5 * distance(plain.ema, final)
+
+
+def test_resume_from_a_missing_folder_is_refused_before_out_dir_is_made(tmp_path, small_sets):
+    with pytest.raises(ValueError, match=r"--resume '.*nowhere': no such folder"):
+        run_clf(tmp_path / "run", small_sets, iterations=2, resume=str(tmp_path / "nowhere"))
+    assert not (tmp_path / "run").exists()

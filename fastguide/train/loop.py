@@ -445,6 +445,8 @@ class Trainer:
 
     def _run(self) -> TrainResult:
         cfg = self.cfg
+        if cfg.resume not in ("auto", "none") and not Path(cfg.resume).is_dir():  # before out_dir is made
+            raise ValueError(f"--resume {cfg.resume!r}: no such folder (a run's out_dir or one of its checkpoints)")
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
