@@ -16,6 +16,7 @@ The reference set is the held-out split of MNIST 5k (500 images) unless another 
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 import zlib
@@ -36,6 +37,39 @@ SPATIAL_GRID = 4  # the map is average-pooled to 4×4: 112 dimensions, so that 5
 #                   its covariance (at 16×16 it would have 1792 dimensions, more than any MNIST sample set)
 
 
+def read_npz(path: str | os.PathLike, what: str, names: set[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` (those in ``names``, or all), each checked before it is read: what its header
+    claims (shape × item size) must fit in what the archive holds for it, so that a garbled header is an
+    error and not a huge allocation; object arrays are refused (no pickles). Every failure is a ValueError
+    naming the file and the array."""
+    if not zipfile.is_zipfile(path):  # np.load would try a .npy, then a pickle, and say "pickled data"
+        raise ValueError(f"{what} file {str(path)!r} is not an .npz file (not a zip archive, or cut short)")
+    arrays, name = {}, None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {m.filename[: -len(".npy")]: m for m in archive.infolist() if m.filename.endswith(".npy")}
+            for name, member in members.items():
+                if names is not None and name not in names:
+                    continue
+                with archive.open(member) as stream:
+                    version = np.lib.format.read_magic(stream)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else (
+                        np.lib.format.read_array_header_2_0)  # fmt: skip
+                    shape, _, dtype = read_header(stream)
+                    if dtype.hasobject:
+                        raise ValueError("it holds Python objects (a pickle), which are not read")
+                    claimed = math.prod(shape) * dtype.itemsize
+                    if claimed > member.file_size:
+                        raise ValueError(f"its header claims {dtype} {shape} ({claimed:,} bytes), but the file holds "
+                                         f"{member.file_size:,} bytes for it")  # fmt: skip
+                with archive.open(member) as stream:
+                    arrays[name] = np.lib.format.read_array(stream, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        where = f"array {name!r} of " if name is not None else ""
+        raise ValueError(f"{where}{what} file {str(path)!r} is not readable: {' '.join(str(err).split())}") from None
+    return arrays
+
+
 def load_npz(path: str | os.PathLike, what: str = "samples") -> tuple[np.ndarray, np.ndarray | None]:
     """``(arr_0, arr_1 or None)`` of an ADM-format ``.npz``: uint8 (N, H, W, C) images and (N,) labels.
 
@@ -45,13 +79,7 @@ def load_npz(path: str | os.PathLike, what: str = "samples") -> tuple[np.ndarray
             labels that do not match.
     """
     path = require_file(path, f"{what} file")
-    if not zipfile.is_zipfile(path):  # np.load would try a .npy, then a pickle, and say "pickled data"
-        raise ValueError(f"{what} file {str(path)!r} is not an .npz file (not a zip archive, or cut short)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise ValueError(f"{what} file {str(path)!r} is not a readable .npz ({err})") from None
+    arrays = read_npz(path, what)
     if "arr_0" not in arrays:
         raise ValueError(f"{what} file {str(path)!r} has no arr_0 (found {sorted(arrays)})")
     images, labels = arrays["arr_0"], arrays.get("arr_1")
@@ -304,6 +332,15 @@ def _stats(arrays: dict, mu: str, sigma: str, path) -> metrics.GaussianStats | N
     if m.ndim != 1 or c.shape != (len(m), len(m)) or not (np.isfinite(m).all() and np.isfinite(c).all()):
         raise ValueError(f"reference {str(path)!r}: {mu} must be (D,) and {sigma} (D, D), finite; got "
                          f"{m.shape} and {c.shape}")  # fmt: skip
+    scale = max(float(np.abs(c).max()), np.finfo(np.float64).tiny)
+    asymmetry = float(np.abs(c - c.T).max())
+    if asymmetry > 1e-6 * scale:  # a covariance is symmetric up to the rounding of its storage
+        raise ValueError(f"reference {str(path)!r}: {sigma} is not a covariance matrix: not symmetric "
+                         f"(max |Σ − Σᵀ| = {asymmetry:.3g}, largest |Σ| = {scale:.3g})")  # fmt: skip
+    lowest = float(np.linalg.eigvalsh((c + c.T) / 2)[0])
+    if lowest < -1e-6 * scale:  # and positive semi-definite up to that rounding
+        raise ValueError(f"reference {str(path)!r}: {sigma} is not a covariance matrix: it has a negative "
+                         f"eigenvalue {lowest:.3g} (largest |Σ| = {scale:.3g})")  # fmt: skip
     return metrics.GaussianStats(m, c)
 
 
@@ -313,9 +350,9 @@ def load_reference(path: str | os.PathLike) -> Reference:
     path = require_file(path, "reference file")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"reference file {str(path)!r} is not an .npz file (not a zip archive, or cut short)")
-    with np.load(path, allow_pickle=False) as data:
-        names = set(data.files)
-        arrays = {k: data[k] for k in names & {"mu", "sigma", "mu_s", "sigma_s"}}
+    with zipfile.ZipFile(path) as archive:
+        names = {m.filename[: -len(".npy")] for m in archive.infolist() if m.filename.endswith(".npy")}
+    arrays = read_npz(path, "reference", {"mu", "sigma", "mu_s", "sigma_s"})
     stats, spatial = _stats(arrays, "mu", "sigma", path), _stats(arrays, "mu_s", "sigma_s", path)
     if "arr_0" not in names and stats is None:
         raise ValueError(f"reference file {str(path)!r} has neither arr_0 (images) nor mu/sigma (found {sorted(names)})")

@@ -156,3 +156,50 @@ def test_real_floor_script_scores_disjoint_balanced_draws_of_real_digits(tmp_pat
     assert rows["class_accuracy"][0] == "1" and rows["nonblack_background"][0] == "0"
     bad = subprocess.run([sys.executable, str(script), "--num_samples", "15"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--num_samples must be a positive multiple of 10, got 15" in bad.stderr
+
+
+def _npz_with_header(path, shape: tuple, data: bytes = b"") -> None:
+    """An .npz whose arr_0 header claims ``shape`` (uint8) over ``data``."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("arr_0.npy", buf.getvalue() + data)
+
+
+def test_npz_files_are_checked_before_they_are_read_and_errors_name_file_and_array(tmp_path):
+    """A header claiming more than the file holds (1e9 x 32 x 32 would be a MemoryError), object arrays and
+    CRC errors are one ValueError naming the file and the array."""
+    import numpy as np
+
+    from fastguide.evaluation import load_npz, load_reference
+
+    _npz_with_header(tmp_path / "big.npz", (10**9, 32, 32, 1), bytes(100))
+    with pytest.raises(ValueError, match=r"array 'arr_0' of samples file '.*big.npz' is not readable: its header "
+                       r"claims uint8 \(1000000000, 32, 32, 1\) \(1,024,000,000,000 bytes\), but the file holds"):  # fmt: skip
+        load_npz(tmp_path / "big.npz")
+    np.savez(tmp_path / "obj.npz", np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match=r"array 'arr_0' of samples file .*obj.npz.* holds Python objects"):
+        load_npz(tmp_path / "obj.npz")
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(3), sigma=np.eye(3))
+    damaged = bytearray((tmp_path / "ref.npz").read_bytes())
+    one = damaged.find(np.float64(1.0).tobytes())  # a byte of sigma's data
+    damaged[one + 7] ^= 1
+    (tmp_path / "crc.npz").write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=r"array 'sigma' of reference file .*crc.npz.* Bad CRC-32"):
+        load_reference(tmp_path / "crc.npz")
+
+
+@pytest.mark.parametrize("sigma, what", [(np.array([[1.0, 0.5], [0.0, 1.0]]), "not symmetric"),
+                                         (np.array([[1.0, 2.0], [2.0, 1.0]]), "negative eigenvalue -1")],
+                         ids=["asymmetric", "indefinite"])  # fmt: skip
+def test_a_reference_sigma_that_is_not_a_covariance_is_named(tmp_path, sigma, what):
+    from fastguide.evaluation import load_reference
+
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2), sigma=sigma)
+    with pytest.raises(ValueError, match=rf"reference '.*ref.npz': sigma is not a covariance matrix: .*{what}"):
+        load_reference(tmp_path / "ref.npz")
