@@ -15,8 +15,10 @@ restarted job skips the shards that exist; rank 0 merges them into the ``.npz`` 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,7 @@ class Plan:
     seed: int
     precision: str
     method: str  # the resolved sampler: ddim, ddpm, dpmpp2m or unipc
+    inputs: dict = dataclasses.field(default_factory=dict)  # sha256 of each checkpoint's contents, by flag
 
     @property
     def batches(self) -> list[range]:
@@ -95,6 +98,9 @@ def plan_of(args):
         raise ValueError(f"--batch_size must be positive, got {s.batch_size}")
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed {args.seed} is not in [0, 2**63)")
+    if args.seed + s.num_samples - 1 >= 2**63:
+        raise ValueError(f"--seed {args.seed} with --num_samples {s.num_samples}: the last sample's seed "
+                         f"{args.seed + s.num_samples - 1} is not below 2**63")  # fmt: skip
     name = args.policy if args.policy != "auto" else ("eds" if s.use_entropy_scale else "constant")
     if s.use_entropy_scale and name != "eds":
         raise ValueError(f"--use_entropy_scale True asks for EDS, but --policy is {args.policy}")
@@ -113,7 +119,19 @@ def plan_of(args):
     method = args.method if args.method != "auto" else ("ddim" if s.use_ddim else "ddpm")
     if args.method in ("ddim", "ddpm") and (args.method == "ddim") != s.use_ddim:
         raise ValueError(f"--method {args.method} contradicts --use_ddim {s.use_ddim}; give one of them")
-    return Plan(all_flags, name, args.seed, args.precision, method), flags, policy
+    inputs = {"model_path": _sha256(s.model_path)}
+    if name != "none":
+        inputs["classifier_path"] = _sha256(s.classifier_path)
+    return Plan(all_flags, name, args.seed, args.precision, method, inputs), flags, policy
+
+
+def _sha256(path: str) -> str:
+    """The file's contents' SHA-256: a run's identity (a resume with other weights at the same path is refused)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def labels_of(plan: Plan, num_classes: int) -> list[int]:
@@ -128,12 +146,21 @@ def _shard(folder: Path, b: int) -> Path:
 def _read_shard(folder: Path, b: int, size: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Batch b's (images, labels) if its shard is there and whole (a shard is renamed into place only when
     written), else None."""
-    try:
-        with np.load(_shard(folder, b)) as f:
-            images, labels = f["arr_0"], f["arr_1"]
-    except (OSError, ValueError, KeyError):
+    from .evaluation import read_npz
+
+    if not _shard(folder, b).is_file():
         return None
-    return (images, labels) if images.shape[0] == size and labels.shape == (size,) else None
+    try:
+        arrays = read_npz(_shard(folder, b), "shard")
+    except ValueError as err:  # cut short, a flipped byte, empty: sampled again
+        warnings.warn(f"{err}; batch {b} is sampled again", stacklevel=2)
+        return None
+    images, labels = arrays.get("arr_0"), arrays.get("arr_1")
+    if images is None or labels is None or images.shape[:1] != (size,) or labels.shape != (size,):
+        warnings.warn(f"shard {_shard(folder, b)} does not hold batch {b}'s {size} samples; it is sampled again",
+                      stacklevel=2)  # fmt: skip
+        return None
+    return images, labels
 
 
 def run_adm_sample(args) -> None:
@@ -151,6 +178,19 @@ def run_adm_sample(args) -> None:
     dist = init_distributed(args.device)
     say = (lambda *a: None) if args.quiet else (lambda text: print(f"adm-sample rank {dist.rank}: {text}", flush=True))
     try:
+        m = flags.model
+        unet = load_checkpoint(m.build(), flags.sample.model_path)
+        if m.use_fp16:
+            unet.convert_to_fp16()
+        classifier = None
+        if plan.policy != "none":
+            classifier = load_checkpoint(flags.classifier.build(), flags.sample.classifier_path)
+            if flags.classifier.classifier_use_fp16:
+                classifier.convert_to_fp16()
+            classifier = classifier.to(dist.device).eval()
+        unet = m.eps_model(unet.to(dist.device).eval())
+        sampler = GuidedSampler(unet, classifier, m.schedule(), policy, config)
+        # the networks are built and their checkpoints loaded and matched before any file is written
         shards = out / SHARDS
         status = None
         if dist.is_main:
@@ -164,18 +204,6 @@ def run_adm_sample(args) -> None:
         if status == "done":
             say(f"{out} already holds this run's samples; nothing to do")
             return
-        m = flags.model
-        unet = load_checkpoint(m.build(), flags.sample.model_path)
-        if m.use_fp16:
-            unet.convert_to_fp16()
-        classifier = None
-        if plan.policy != "none":
-            classifier = load_checkpoint(flags.classifier.build(), flags.sample.classifier_path)
-            if flags.classifier.classifier_use_fp16:
-                classifier.convert_to_fp16()
-            classifier = classifier.to(dist.device).eval()
-        unet = m.eps_model(unet.to(dist.device).eval())
-        sampler = GuidedSampler(unet, classifier, m.schedule(), policy, config)
         labels = labels_of(plan, m.num_classes if m.class_cond else flags.classifier.num_classes)
         mine = [(b, batch) for b, batch in enumerate(plan.batches) if b % dist.world_size == dist.rank]
         written = 0
@@ -211,9 +239,11 @@ def _prepare(out: Path, shards: Path, plan: Plan) -> str:
         if earlier != json.loads(text):
             changed = sorted(k for k in {**earlier.get("flags", {}), **plan.flags}
                              if earlier.get("flags", {}).get(k) != plan.flags.get(k))  # fmt: skip
-            what = ", ".join(changed) or ", ".join(k for k in ("policy", "seed", "precision", "method")
-                                                   if earlier.get(k) != getattr(plan, k))  # fmt: skip
-            raise ValueError(f"{str(out)!r} holds a run with other settings ({what}); use another --out")
+            changed += [k for k in ("policy", "seed", "precision", "method") if earlier.get(k) != getattr(plan, k)]
+            changed += [f"the contents of {k}" for k in sorted({**earlier.get("inputs", {}), **plan.inputs})
+                        if earlier.get("inputs", {}).get(k) != plan.inputs.get(k)]  # fmt: skip
+            raise ValueError(f"{str(out)!r} holds a run with other settings or inputs ({', '.join(changed)}); "
+                             "use another --out")  # fmt: skip
         if _final_path(out, plan).is_file() and not shards.exists():
             return "done"
     out.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,7 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, checkpoints, capsys, ex
 def test_another_run_in_the_same_folder_is_refused(tmp_path, checkpoints, capsys):
     assert main(["adm-sample", *FLAGS, *checkpoints, *RUN, "--out", str(tmp_path)]) == 0
     assert main(["adm-sample", *FLAGS, *checkpoints, *RUN, "--out", str(tmp_path), "--classifier_scale", "3"]) == 2
-    assert "holds a run with other settings (classifier_scale)" in capsys.readouterr().err
+    assert "holds a run with other settings or inputs (classifier_scale)" in capsys.readouterr().err
 
 
 def test_sample_and_reproduce_refuse_to_run_on_several_ranks(tmp_path, monkeypatch, capsys):
@@ -167,3 +167,84 @@ def test_a_run_folder_written_before_method_existed_still_resumes(tmp_path, chec
     before = (tmp_path / NPZ).stat().st_mtime_ns
     assert main(["adm-sample", *FLAGS, *checkpoints, *RUN, "--out", str(tmp_path)]) == 0  # use_ddim True: ddim
     assert (tmp_path / NPZ).stat().st_mtime_ns == before
+
+
+def _other_weights(path, like):
+    """A checkpoint at ``path`` with the same architecture as ``like`` and other values."""
+    state = torch.load(like, weights_only=True)
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, path)
+
+
+def test_a_resume_with_other_weights_at_the_same_path_is_refused_naming_them(tmp_path, checkpoints):
+    """Kill after the first shard, put other weights at --model_path, rerun: refused (samples of two models
+    would be mixed in one .npz), naming the changed input; the classifier likewise."""
+    ckpt = dict(zip(checkpoints[::2], checkpoints[1::2]))
+    for flag in ("--model_path", "--classifier_path"):
+        model = tmp_path / f"{flag[2:]}.pt"
+        _other_weights(model, ckpt[flag])
+        _other_weights(model, model)  # its own file, changed below
+        args = [*FLAGS, *RUN, *[x for f, p in ckpt.items() for x in (f, str(model) if f == flag else p)]]
+        out = tmp_path / f"out-{flag[2:]}"
+        env = {"FASTGUIDE_KILL_AFTER_BATCHES": "1:0"}
+        run = subprocess.run([sys.executable, "-m", "fastguide", "adm-sample", *args, "--out", str(out)],
+                             capture_output=True, text=True, env=_env(**env), timeout=600)  # fmt: skip
+        assert run.returncode != 0 and (out / ".adm-sample-shards").is_dir()
+        _other_weights(model, ckpt[flag])  # other contents, same path
+        with pytest.raises(ValueError, match=rf"holds a run with other settings or inputs \(the contents of "
+                           rf"{flag[2:]}\)"):  # fmt: skip
+            _run(args, out)
+
+
+def _run(args, out):
+    from fastguide.adm_sample import run_adm_sample
+    from fastguide.cli import build_parser
+
+    run_adm_sample(build_parser().parse_args(["adm-sample", *args, "--out", str(out)]))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--attention_resolutions", "32,abc"], "attention_resolutions"),
+    (["--channel_mult", "1,,2"], "channel_mult"),
+    (["--num_heads", "0", "--num_head_channels", "-1"], "num_heads"),
+    (["--seed", str(2**63 - 3)], r"the last sample's seed 9223372036854775809 is not below 2\*\*63"),
+], ids=["attention_resolutions", "channel_mult", "num_heads", "seed-range"])  # fmt: skip
+def test_bad_flags_and_checkpoints_are_one_line_and_write_nothing(tmp_path, checkpoints, capsys, bad, message):
+    out = tmp_path / "out"
+    assert main(["adm-sample", *FLAGS, *checkpoints, *RUN, "--out", str(out), *bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0] and "error:" in err[0], err
+    assert any(__import__("re").search(message, line) for line in err), err
+    assert not out.exists()
+
+
+def test_a_foreign_checkpoint_writes_nothing(tmp_path, checkpoints, capsys):
+    ckpt = dict(zip(checkpoints[::2], checkpoints[1::2]))
+    out = tmp_path / "out"
+    args = ["--model_path", ckpt["--classifier_path"], "--classifier_path", ckpt["--classifier_path"]]
+    assert main(["adm-sample", *FLAGS, *args, *RUN, "--out", str(out)]) == 2
+    assert "does not fit the UNetModel" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["cut", "flip", "empty"])
+def test_a_damaged_shard_is_sampled_again_on_resume(tmp_path, checkpoints, damage):
+    out = tmp_path / "out"
+    args = [*FLAGS, *checkpoints, *RUN]
+    run = subprocess.run([sys.executable, "-m", "fastguide", "adm-sample", *args, "--out", str(out)],
+                         capture_output=True, text=True, env=_env(FASTGUIDE_KILL_AFTER_BATCHES="2:0"), timeout=600)  # fmt: skip
+    assert run.returncode != 0
+    shard = out / ".adm-sample-shards" / "batch_000000.npz"
+    data = bytearray(shard.read_bytes())
+    if damage == "cut":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = bytearray()
+    shard.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="batch 0 is sampled again"):
+        _run(args, out)
+    whole = tmp_path / "whole"
+    _run(args, whole)
+    got, want = np.load(out / NPZ), np.load(whole / NPZ)
+    assert np.array_equal(got["arr_0"], want["arr_0"]) and np.array_equal(got["arr_1"], want["arr_1"])

@@ -623,3 +623,41 @@ def test_resume_from_a_missing_folder_is_refused_before_out_dir_is_made(tmp_path
     with pytest.raises(ValueError, match=r"--resume '.*nowhere': no such folder"):
         run_clf(tmp_path / "run", small_sets, iterations=2, resume=str(tmp_path / "nowhere"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change", [dict(lr=0.1), dict(eta=0.5), dict(batch_size=4)], ids=["lr", "eta", "batch_size"])
+def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path, small_sets, change):
+    """--lr on resume was ignored (the optimizer state brought back the old one) and --eta silently mixed two
+    losses, while config.json stated the new value for the whole run."""
+    run_clf(tmp_path, small_sets, iterations=3, save_interval=3)
+    (name, value), = change.items()
+    with pytest.raises(ValueError, match=rf"resuming would change {name} from .* to {value!r}.*--allow_change {name}"):
+        run_clf(tmp_path, small_sets, iterations=6, save_interval=3, **change)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())[name] != value
+
+
+def test_a_deliberate_change_on_resume_applies_and_is_recorded(tmp_path, small_sets):
+    run_clf(tmp_path, small_sets, iterations=3, save_interval=3)
+    result = run_clf(tmp_path, small_sets, iterations=6, save_interval=3, lr=5e-4, allow_change="lr")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["lr"] == 5e-4
+    assert config["changes"] == [{"step": 3, "lr": {"from": 1e-3, "to": 5e-4}}]
+    assert result.step == 6
+    state = torch.load(ckpt.latest_checkpoint(tmp_path / "run") / "state.pt", weights_only=True)
+    assert all(group["lr"] == 5e-4 for group in state["optimizer"]["param_groups"])
+    # iterations and the like may change freely; a setting that is not one is refused
+    run_clf(tmp_path, small_sets, iterations=7, save_interval=3, log_interval=2, lr=5e-4)
+    with pytest.raises(ValueError, match="allow_change names 'nonsense', which is not a setting"):
+        run_clf(tmp_path, small_sets, iterations=8, lr=5e-4, allow_change="nonsense")
+
+
+def test_a_resume_into_another_architecture_is_one_line_naming_the_difference(tmp_path, small_sets):
+    run_clf(tmp_path, small_sets, iterations=3, save_interval=3)
+    other = dataclasses.replace(TINY_CLF, classifier_width=64, num_head_channels=64)
+    with pytest.raises(ValueError, match=r"resuming would change model.classifier_width from 32 to 64") as caught:
+        run_clf(tmp_path, small_sets, iterations=6, model=other)
+    assert "\n" not in str(caught.value)
+    (ckpt.latest_checkpoint(tmp_path / "run") / "config.json").unlink()  # no record: the weights are compared
+    with pytest.raises(ValueError, match=r"is of another network than this run's: .*other shapes") as caught:
+        run_clf(tmp_path, small_sets, iterations=6, model=other)
+    assert "\n" not in str(caught.value)

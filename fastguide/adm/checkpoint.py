@@ -71,12 +71,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as err:
-        problem = _describe_mismatch(model, state, strict) or " ".join(str(err).split())
+        problem = describe_mismatch(model, state, strict) or " ".join(str(err).split())
         raise ValueError(f"{str(path)!r} does not fit the {type(model).__name__}: {problem}") from None
     return model
 
 
-def _describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor], strict: bool, show: int = 3) -> str:
+def describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor], strict: bool, show: int = 3) -> str:
     """One line on how a state_dict differs from a model's: tensors of other shapes and, when ``strict``,
     missing and unexpected keys (the first ``show`` of each kind); empty when it finds none."""
     own = model.state_dict()

@@ -28,7 +28,13 @@ _DEFAULT_CHANNEL_MULT = {
 def channel_mult_for(image_size: int, channel_mult: str = "") -> tuple[float, ...]:
     """ADM's channel multipliers: parsed from ``channel_mult`` or chosen by image size."""
     if channel_mult:
-        return tuple(float(m) if "." in m else int(m) for m in channel_mult.split(","))
+        try:
+            mult = tuple(float(m) if "." in m else int(m) for m in channel_mult.split(","))
+        except ValueError:
+            raise ValueError(f"channel_mult {channel_mult!r} is not a comma list of numbers (e.g. '1,2,2')") from None
+        if not all(m > 0 for m in mult):
+            raise ValueError(f"channel_mult {channel_mult!r} has a multiplier <= 0")
+        return mult
     if image_size not in _DEFAULT_CHANNEL_MULT:
         raise ValueError(
             f"no default channel_mult for image_size {image_size}; "
@@ -41,7 +47,11 @@ def attention_ds(image_size: int, attention_resolutions: str) -> tuple[int, ...]
     """Turn ADM's ``attention_resolutions`` ("32,16,8") into downsampling rates (image_size // res)."""
     out = []
     for res in attention_resolutions.split(","):
-        r = int(res)
+        try:
+            r = int(res)
+        except ValueError:
+            raise ValueError(f"attention_resolutions {attention_resolutions!r} is not a comma list of integers "
+                             "(e.g. '32,16,8')") from None  # fmt: skip
         if r <= 0 or image_size % r:
             raise ValueError(f"attention resolution {r} does not divide image_size {image_size}")
         out.append(image_size // r)

@@ -245,6 +245,8 @@ class QKVAttentionLegacy(QKVAttention):
 
 def _num_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
     if num_head_channels == -1:
+        if num_heads < 1 or channels % num_heads:
+            raise ValueError(f"num_heads {num_heads}: channels {channels} are not divisible into that many heads")
         return num_heads
     if num_head_channels <= 0 or channels % num_head_channels:
         raise ValueError(f"channels {channels} are not divisible by num_head_channels {num_head_channels}")

@@ -15,6 +15,7 @@ One optimisation step on a global batch of B images split over W ranks:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -69,6 +70,7 @@ class TrainConfig:
     num_workers: int = 0  # data-loader worker processes
     progress: bool = True  # progress bar on rank 0
     flush_denormal: bool = True  # CPU: treat denormal floats as zero (several times faster; fastguide.cpu)
+    allow_change: str = ""  # on resume: comma list of settings to change deliberately (recorded in config.json)
 
     def validate(self, world_size: int) -> None:
         """Raise ValueError naming the first bad field."""
@@ -85,8 +87,51 @@ class TrainConfig:
             raise ValueError(f"microbatch {self.microbatch} must be -1 or in 1..{rank_batch} (the per-rank batch)")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if self.eval_interval < 0 or self.num_workers < 0:
-            raise ValueError("eval_interval and num_workers must be >= 0")
+        for name in ("eval_interval", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        unknown = [k for k in _names(self.allow_change) if k not in {f.name for f in dataclasses.fields(self)}]
+        if unknown:
+            raise ValueError(f"allow_change names {unknown[0]!r}, which is not a setting")
+
+
+# settings that do not change what a resumed run computes: they may differ on resume
+RESUMABLE = frozenset({"out_dir", "resume", "iterations", "log_interval", "eval_interval", "save_interval",
+                       "keep_checkpoints", "eval_buckets", "device", "num_workers", "progress", "allow_change"})  # fmt: skip
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def resume_changes(earlier: dict, now: dict, allowed: list[str], defaults: dict | None = None) -> dict[str, dict]:
+    """The settings (flattened: ``model.num_channels``) that differ between a checkpoint's run configuration and
+    this run's, beyond :data:`RESUMABLE`: ``{name: {"from": old, "to": new}}``. ValueError naming the first
+    change not in ``allowed`` (a top-level name allows its sub-settings too)."""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if k == "changes" and not prefix:
+                continue
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    a, b = flat(json.loads(json.dumps(earlier, default=str))), flat(json.loads(json.dumps(now, default=str)))
+    defaults = defaults or {}
+    changes = {k: {"from": a.get(k), "to": b.get(k)} for k in sorted(a.keys() | b.keys())
+               if a.get(k) != b.get(k) and k.split(".")[0] not in RESUMABLE
+               and not (k not in a and k in defaults and b.get(k) == defaults[k])}  # a setting added since: its default  # fmt: skip
+    for k, change in changes.items():
+        if k not in allowed and k.split(".")[0] not in allowed:
+            raise ValueError(
+                f"resuming would change {k} from {change['from']!r} to {change['to']!r}, which the checkpoint's "
+                f"run did not use; give --allow_change {k.split('.')[0]} to change it deliberately (it is "
+                "recorded in config.json), or use another --out_dir")  # fmt: skip
+    return changes
 
 
 class LossTerms(NamedTuple):
@@ -310,12 +355,30 @@ class Trainer:
             self._forget_logs_after(0)
             return
         path, weights, state = found
-        self.model.load_state_dict(weights["model"], strict=True)
+        earlier = path / "config.json"
+        if earlier.is_file():  # the run's identity: a resume with other settings is refused, or recorded
+            before = json.loads(earlier.read_text())
+            defaults = {f.name: f.default for f in dataclasses.fields(self.cfg)}
+            changes = resume_changes(before, self.run_config, _names(self.cfg.allow_change), defaults)
+            history = list(before.get("changes", []))
+            if changes:
+                history.append({"step": int(state["step"]), **changes})
+            if history:
+                self.run_config = {**self.run_config, "changes": history}
+        try:
+            self.model.load_state_dict(weights["model"], strict=True)
+        except RuntimeError as err:
+            from ..adm.checkpoint import describe_mismatch
+
+            problem = describe_mismatch(self.model, weights["model"], True) or " ".join(str(err).split())[:300]
+            raise ValueError(f"checkpoint {str(path)!r} is of another network than this run's: {problem}") from None
         if self.ema is not None:
             if "ema" not in weights:
                 raise ValueError(f"checkpoint {str(path)!r} has no EMA weights")
             self.ema = {k: v.to(self.dist.device) for k, v in weights["ema"].items()}
         self.opt.load_state_dict(state["optimizer"])
+        for group in self.opt.param_groups:  # the optimizer state brings back its own; a changed lr is this run's
+            group["lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.position = _Position(int(state["epoch"]), int(state["batch"]))
