@@ -1,6 +1,7 @@
 """End-to-end guided sampling, timed side by side: ADM's loop against fastguide's eager and fast paths.
 
-The contenders sample the same labels from the same x_T with the same networks (weights copied):
+The contenders sample the same labels from the same x_T with the same networks (weights copied; an x0- or
+v-prediction UNet, as the embedded cadm is, is sampled through the same eps view by all of them):
 
 * ``adm``: ADM's own ``ddim_sample_loop`` / ``p_sample_loop`` (guided-diffusion-sdk) with a
   ``classifier_sample.py`` cond_fn, on ADM's own networks (fp16 torso on CUDA, as ADM's flags give);
@@ -23,7 +24,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +50,17 @@ def cases() -> dict[str, Case]:
     from fastguide.pretrained import embedded_dir, run_flags
 
     small = dict(num_channels=64, use_fp16=False, dropout=0.0)
+    tiny = dict(channel_mult="1,2", use_fp16=False, dropout=0.0)
     return {
         "embedded": Case("embedded", run_flags(embedded_dir("cadm")), run_flags(embedded_dir("classifier_ect")),
                          embedded=True, scale=3.0),  # fmt: skip
         "adm64-small": Case("adm64-small", adm_unet_flags(64, **small), adm_classifier_flags(64, classifier_width=64)),
+        # adm64-small's architecture (64 px, 1000 classes, attention, resblock_updown, new attention order)
+        # with two levels of one block: the benchmarks' quick mode (it compiles in a fraction of the time)
+        "adm64-tiny": Case("adm64-tiny", adm_unet_flags(64, **tiny, num_channels=32, num_res_blocks=1,
+                                                        attention_resolutions="32"),
+                           adm_classifier_flags(64, channel_mult="1,2", classifier_width=32, classifier_depth=1,
+                                                classifier_attention_resolutions="32")),  # fmt: skip
         "adm64": Case("adm64", adm_unet_flags(64, use_fp16=False, dropout=0.0), adm_classifier_flags(64)),
         "adm128": Case("adm128", adm_unet_flags(128, use_fp16=False, dropout=0.0), adm_classifier_flags(128)),
         "adm256": Case("adm256", adm_unet_flags(256, use_fp16=False, dropout=0.0), adm_classifier_flags(256)),
@@ -76,12 +84,21 @@ def networks(case: Case, device: torch.device) -> tuple[torch.nn.Module, torch.n
 
 
 def adm_networks(case: Case, unet, clf, fp16: bool):
-    """ADM's own UNet and classifier with the same weights (None without guided-diffusion-sdk)."""
+    """ADM's own UNet and classifier with the same weights (None without guided-diffusion-sdk).
+
+    fastguide's ``unet`` may be an x0- or v-prediction network behind its eps view
+    (:class:`fastguide.diffusion.XStartToEps` / :class:`~fastguide.diffusion.VToEps`, as the embedded cadm
+    is): ADM's UNet then gets the inner network's weights and the same eps view around it
+    (``case.unet.eps_model``: the same conversion, by the original timestep ADM's respacing wrapper passes),
+    so that ADM's loop samples the same eps-model as fastguide's contenders."""
     try:
         from guided_diffusion.unet import EncoderUNetModel, UNetModel
     except ImportError:
         return None
-    ours = [(UNetModel, case.unet, unet), (EncoderUNetModel, case.classifier, clf)]
+    from fastguide.diffusion import VToEps, XStartToEps
+
+    inner = unet.net if isinstance(unet, (VToEps, XStartToEps)) else unet
+    ours = [(UNetModel, case.unet, inner), (EncoderUNetModel, case.classifier, clf)]
     nets = []
     for cls, flags, net in ours:
         kwargs = {**flags.network_kwargs(), "use_fp16": False}
@@ -91,7 +108,10 @@ def adm_networks(case: Case, unet, clf, fp16: bool):
             adm.convert_to_fp16()
             adm.use_fp16, adm.dtype = True, torch.float16
         nets.append(adm.to(next(net.parameters()).device).eval())
-    return nets
+    adm_unet, adm_clf = nets
+    if inner is not unet:  # the eps view fastguide's unet is, around ADM's network
+        adm_unet = case.unet.eps_model(adm_unet).to(next(unet.parameters()).device).eval()
+    return adm_unet, adm_clf
 
 
 # ---- the contenders ----
@@ -112,9 +132,10 @@ def adm_loop(case: Case, method: str, respacing: str, unet, clf, fp16: bool,
     diffusion = SpacedDiffusion(
         use_timesteps=space_timesteps(flags.diffusion_steps, respacing),
         betas=gd.get_named_beta_schedule(flags.noise_schedule, flags.diffusion_steps),
-        model_mean_type=gd.ModelMeanType.EPSILON,
+        model_mean_type=gd.ModelMeanType.EPSILON,  # an x0- or v-network comes behind its eps view
         model_var_type=gd.ModelVarType.LEARNED_RANGE if flags.learn_sigma else gd.ModelVarType.FIXED_LARGE,
         loss_type=gd.LossType.MSE,
+        rescale_timesteps=flags.rescale_timesteps,
     )
 
     def cond_fn(x, t, y=None):
@@ -125,7 +146,7 @@ def adm_loop(case: Case, method: str, respacing: str, unet, clf, fp16: bool,
             return torch.autograd.grad(selected.sum(), x_in)[0] * case.scale
 
     def model_fn(x, t, y=None):
-        return adm_unet(x, t, y if flags.class_cond else None)
+        return adm_unet(x, t, y=y if flags.class_cond else None)  # by keyword: an eps view passes **kwargs on
 
     model_fn.parameters = adm_unet.parameters
     if accelerate is not None:
@@ -227,6 +248,7 @@ class Timing:
     steps: int
     batch: int
     peak_mb: float | None = None
+    output: torch.Tensor | None = field(default=None, repr=False)  # the images of the last run
 
     @property
     def median_s(self) -> float:
@@ -253,7 +275,7 @@ def _sync(device: torch.device) -> None:
 def time_side_by_side(runs: dict[str, Callable], x_T: torch.Tensor, y: torch.Tensor, steps: int,
                       rounds: int = 3) -> dict[str, Timing]:  # fmt: skip
     """Each contender once (compiling) and then ``rounds`` times in alternation, so that all see the same
-    machine load; medians of whole runs."""
+    machine load; medians of whole runs (and each contender's last images, ``Timing.output``)."""
     device = x_T.device
     timings = {}
     for name, run in runs.items():
@@ -268,9 +290,10 @@ def time_side_by_side(runs: dict[str, Callable], x_T: torch.Tensor, y: torch.Ten
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
             start = time.perf_counter()
-            run(x_T, y)
+            out = run(x_T, y)
             _sync(device)
             timings[name].runs_s.append(time.perf_counter() - start)
+            timings[name].output = out
             if device.type == "cuda":
                 timings[name].peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
             else:

@@ -7,6 +7,11 @@ of their steady-state medians (compile time is reported beside them, in extra_in
 Goals (issue 12): on CPU, the fast path ≥ 1.6× ADM's loop at batch 16 on the embedded models and on a
 scaled-down ADM-64. On an H100/H200: ADM-256 at batch 16 ≥ 3× ADM's fp16 loop and ≥ 60% of the bf16
 FLOP floor, ADM-64 ≥ 5×, batch-1 latency ≥ 4× (these run where CUDA is available).
+
+On CPU the float32 contenders (ADM's loop, the ADM-style loop, the eager sampler) must also agree on the
+images, which checks that all of them sample the same function. Quick mode (benchmarks/conftest.py): batch 2,
+5 DDIM steps, one timed round, adm64-tiny in place of adm64-small (same code path, a fraction of the compile
+time), the agreement checked and the speed goals not asserted.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import e2e
 CPU_GOAL = 1.6
 GPU_GOALS = {("adm256", 16): 3.0, ("adm64", 16): 5.0, ("adm256", 1): 4.0}
 FLOOR_GOAL = 0.60
+QUICK_CASES = {"adm64-small": "adm64-tiny"}  # quick mode's stand-ins: the same code path, smaller networks
+QUICK_BATCH, QUICK_RESPACING = 2, "ddim5"
+AGREE_ATOL = 1e-4  # float32 contenders, images in [-1, 1] (they differ by ~2e-6 over 25 DDIM steps)
 
 
 def _record(benchmark, timings: dict[str, e2e.Timing], baseline: str) -> dict[str, float]:
@@ -33,24 +41,38 @@ def _record(benchmark, timings: dict[str, e2e.Timing], baseline: str) -> dict[st
 
 
 @pytest.mark.parametrize("case, respacing", [("embedded", "ddim25"), ("adm64-small", "ddim10")])
-def test_cpu_fast_path_against_adms_loop(tagged_benchmark, case, respacing):
-    runs, x_T, y, steps = e2e.setup(case, 16, "ddim", respacing, "cpu", ("adm", "adm-style", "eager", "fast"))
-    timings = e2e.time_side_by_side(runs, x_T, y, steps, rounds=3)
+def test_cpu_fast_path_against_adms_loop(tagged_benchmark, case, respacing, quick):
+    batch, rounds = 16, 3
+    if quick:
+        case, respacing, batch, rounds = QUICK_CASES.get(case, case), QUICK_RESPACING, QUICK_BATCH, 1
+    tagged_benchmark.extra_info.update(case=case, respacing=respacing, batch=batch)
+    runs, x_T, y, steps = e2e.setup(case, batch, "ddim", respacing, "cpu", ("adm", "adm-style", "eager", "fast"))
+    timings = e2e.time_side_by_side(runs, x_T, y, steps, rounds=rounds)
     baseline = "adm" if "adm" in timings else "adm-style"
     speedups = _record(tagged_benchmark, timings, baseline)
     fast = timings["fast"]
     tagged_benchmark.pedantic(runs["fast"], args=(x_T, y), rounds=1)  # the row: one more fast-path run
-    assert speedups["fast"] >= CPU_GOAL, (
-        f"{case}: fast path {fast.ms_per_step:.1f} ms/step is {speedups['fast']:.2f}x {baseline}'s "
-        f"{timings[baseline].ms_per_step:.1f} ms/step (goal {CPU_GOAL}x)"
-    )
+    eager = timings["eager"].output
+    diffs = {name: (t.output - eager).abs().max().item() for name, t in timings.items()}
+    for name, diff in diffs.items():
+        tagged_benchmark.extra_info[name]["max_abs_diff_vs_eager"] = diff
+    for name in ("adm", "adm-style"):  # the same function: ADM's loops agree with the eager sampler
+        if name in diffs:
+            assert diffs[name] <= AGREE_ATOL, f"{case}: {name}'s images differ from eager's by {diffs[name]:.2e}"
+    assert torch.isfinite(fast.output).all(), f"{case}: the fast path's images are not finite"
+    if not quick:
+        assert speedups["fast"] >= CPU_GOAL, (
+            f"{case}: fast path {fast.ms_per_step:.1f} ms/step is {speedups['fast']:.2f}x {baseline}'s "
+            f"{timings[baseline].ms_per_step:.1f} ms/step (goal {CPU_GOAL}x)"
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("case, batch", sorted(GPU_GOALS))
-def test_gpu_fast_path_against_adms_fp16_loop(tagged_benchmark, case, batch):
-    runs, x_T, y, steps = e2e.setup(case, batch, "ddim", "ddim25", "cuda", ("adm", "eager", "fast"))
-    timings = e2e.time_side_by_side(runs, x_T, y, steps, rounds=3)
+def test_gpu_fast_path_against_adms_fp16_loop(tagged_benchmark, case, batch, quick):
+    respacing, rounds = (QUICK_RESPACING, 1) if quick else ("ddim25", 3)
+    runs, x_T, y, steps = e2e.setup(case, batch, "ddim", respacing, "cuda", ("adm", "eager", "fast"))
+    timings = e2e.time_side_by_side(runs, x_T, y, steps, rounds=rounds)
     speedups = _record(tagged_benchmark, timings, "adm")
     tagged_benchmark.pedantic(runs["fast"], args=(x_T, y), rounds=1)
     flops = e2e.step_flops(e2e.cases()[case], batch, torch.device("cuda"))
@@ -58,6 +80,9 @@ def test_gpu_fast_path_against_adms_fp16_loop(tagged_benchmark, case, batch):
     peak = next((v for k, v in e2e.BF16_PEAK_TFLOPS.items() if k in name), None)
     floor = 1000 * flops / (peak * 1e12) / timings["fast"].ms_per_step if peak else None
     tagged_benchmark.extra_info["bf16_floor_share"] = floor
+    assert torch.isfinite(timings["fast"].output).all(), f"{case} batch {batch}: the fast path's images are not finite"
+    if quick:
+        return
     assert speedups["fast"] >= GPU_GOALS[case, batch], f"{case} batch {batch}: {speedups['fast']:.2f}x ADM's fp16 loop"
     if case == "adm256" and batch >= 16 and floor is not None:
         assert floor >= FLOOR_GOAL, f"adm256 batch {batch}: {floor:.0%} of the bf16 FLOP floor"

@@ -5,7 +5,8 @@ Run with ``pytest benchmarks/test_bench_ext.py --benchmark-only``. The eager cha
 
 Issue 4's CPU target is asserted here: at batch 8×3×64×64 (learned_range variance, guided,
 clip_denoised; DDIM likewise) the C++ step's median time is at least 3× below the eager chain's,
-both timed in the same test, in alternation, with the same inputs and threads.
+both timed in the same test, in alternation, with the same inputs and threads. Quick mode
+(benchmarks/conftest.py) times each once and checks the C++ step against the chain, not the speedup.
 """
 
 from __future__ import annotations
@@ -78,18 +79,20 @@ def test_eager_chain_8x3x64x64(tagged_benchmark, op):
 
 
 @pytest.mark.parametrize("op", ["ddpm", "ddim"])
-def test_ext_step_8x3x64x64_at_least_3x_faster_than_eager(tagged_benchmark, op):
+def test_ext_step_8x3x64x64_at_least_3x_faster_than_eager(tagged_benchmark, op, quick):
     args = _step_args(op)
     fused, ref = CALLS[op]
     for got, want in zip(fused(*args), ref(*args)):  # same step, to float32 rounding
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-4)
     tagged_benchmark.pedantic(lambda: fused(*args), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-    eager_s, fused_s = _interleaved_medians(lambda: ref(*args), lambda: fused(*args))
+    rounds = dict(rounds=1, warmup=0) if quick else {}
+    eager_s, fused_s = _interleaved_medians(lambda: ref(*args), lambda: fused(*args), **rounds)
     speedup = eager_s / fused_s
     tagged_benchmark.extra_info.update(
         eager_median_us=round(eager_s * 1e6, 1), ext_median_us=round(fused_s * 1e6, 1), speedup=round(speedup, 2)
     )
-    assert speedup >= SPEEDUP_TARGET, (
-        f"{op}: C++ step median {fused_s * 1e6:.0f} µs vs eager {eager_s * 1e6:.0f} µs is {speedup:.2f}×, "
-        f"below the {SPEEDUP_TARGET}× target"
-    )
+    if not quick:
+        assert speedup >= SPEEDUP_TARGET, (
+            f"{op}: C++ step median {fused_s * 1e6:.0f} µs vs eager {eager_s * 1e6:.0f} µs is {speedup:.2f}×, "
+            f"below the {SPEEDUP_TARGET}× target"
+        )

@@ -4,6 +4,7 @@
 references in fastguide.kernels.reference), so its rows are the baseline of the others.
 On GPU, ``test_gpu_fused_update_reaches_copy_bandwidth`` asserts the issue's target: the fused DDPM
 update at 8x3x256x256 moves its bytes at >= 85% of the measured device-to-device copy bandwidth.
+Quick mode (benchmarks/conftest.py): each op timed once, checked against the torch backend; no bandwidth goal.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _cuda_ms(fn, reps=50) -> float:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the bandwidth target is a GPU target")
-def test_gpu_fused_update_reaches_copy_bandwidth(tagged_benchmark):
+def test_gpu_fused_update_reaches_copy_bandwidth(tagged_benchmark, quick):
     """Both sides stream from DRAM: the update cycles through 8 input sets (8 x 44 MB, beyond any L2), the
     copy moves 256 MiB; the backend is chosen once, so dispatch's host time is not counted."""
     shape = (8, 3, 256, 256)
@@ -97,4 +98,5 @@ def test_gpu_fused_update_reaches_copy_bandwidth(tagged_benchmark):
     fused_gbs = moved / (fused_ms * 1e-3) / 1e9
     tagged_benchmark.extra_info.update(backend=backend, copy_gbs=copy_gbs, fused_gbs=fused_gbs)
     tagged_benchmark(lambda: (step(), torch.cuda.synchronize()))
-    assert fused_gbs >= 0.85 * copy_gbs, f"{backend}: {fused_gbs:.0f} GB/s vs copy {copy_gbs:.0f} GB/s"
+    if not quick:
+        assert fused_gbs >= 0.85 * copy_gbs, f"{backend}: {fused_gbs:.0f} GB/s vs copy {copy_gbs:.0f} GB/s"

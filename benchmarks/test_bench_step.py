@@ -1,7 +1,7 @@
 """One guided step (eps-model + classifier forward/backward + EDS + update) on ADM networks.
 
 Run with ``pytest benchmarks/ --benchmark-only``. The fused kernels are measured against this
-eager path as they land.
+eager path as they land. Quick mode (benchmarks/conftest.py): each timed once.
 """
 
 import pytest
