@@ -84,19 +84,15 @@ def classifier_sample(su, args):
     }
 
 
-def image_sample(su, args):
-    flags = su.model_and_diffusion_defaults()
-    flags.update(image_size=64, num_channels=64, num_res_blocks=1, attention_resolutions="32,16,8",
-                 num_head_channels=32, learn_sigma=True, class_cond=True, timestep_respacing=args.respacing)  # fmt: skip
-    model, diffusion = su.create_model_and_diffusion(**flags)
+def _unguided(args, model, diffusion, model_kwargs):
+    """The contenders of a script without a classifier: ADM's loop, and accelerate with and without compile."""
     _randomize(model)
     model.eval()
-    y = torch.arange(args.batch) % 1000
     shape = (args.batch, 3, 64, 64)
     loop = "ddim_sample_loop" if args.respacing.startswith("ddim") else "p_sample_loop"
 
     def run(diff):
-        return lambda: getattr(diff, loop)(model, shape, model_kwargs={"y": y})
+        return lambda: getattr(diff, loop)(model, shape, model_kwargs=model_kwargs)
 
     return diffusion.num_timesteps, {
         "ADM's loop (as is)": (run(diffusion), True),
@@ -104,6 +100,14 @@ def image_sample(su, args):
         "accelerate(diffusion, SamplerConfig(compile=True))": (
             run(fg.adm.accelerate(diffusion, fg.SamplerConfig(compile=True))), True),
     }  # fmt: skip
+
+
+def image_sample(su, args):
+    flags = su.model_and_diffusion_defaults()
+    flags.update(image_size=64, num_channels=64, num_res_blocks=1, attention_resolutions="32,16,8",
+                 num_head_channels=32, learn_sigma=True, class_cond=True, timestep_respacing=args.respacing)  # fmt: skip
+    model, diffusion = su.create_model_and_diffusion(**flags)
+    return _unguided(args, model, diffusion, {"y": torch.arange(args.batch) % 1000})
 
 
 def super_res_sample(su, args):
@@ -111,22 +115,8 @@ def super_res_sample(su, args):
     flags.update(large_size=64, small_size=32, num_channels=64, num_res_blocks=1, attention_resolutions="8",
                  num_head_channels=32, learn_sigma=True, timestep_respacing=args.respacing)  # fmt: skip
     model, diffusion = su.sr_create_model_and_diffusion(**flags)
-    _randomize(model)
-    model.eval()
     g = torch.Generator().manual_seed(5)
-    low_res = torch.rand(args.batch, 3, 32, 32, generator=g) * 2 - 1
-    shape = (args.batch, 3, 64, 64)
-    loop = "ddim_sample_loop" if args.respacing.startswith("ddim") else "p_sample_loop"
-
-    def run(diff):
-        return lambda: getattr(diff, loop)(model, shape, model_kwargs={"low_res": low_res})
-
-    return diffusion.num_timesteps, {
-        "ADM's loop (as is)": (run(diffusion), True),
-        "diffusion = accelerate(diffusion)": (run(fg.adm.accelerate(diffusion)), True),
-        "accelerate(diffusion, SamplerConfig(compile=True))": (
-            run(fg.adm.accelerate(diffusion, fg.SamplerConfig(compile=True))), True),
-    }  # fmt: skip
+    return _unguided(args, model, diffusion, {"low_res": torch.rand(args.batch, 3, 32, 32, generator=g) * 2 - 1})
 
 
 SCRIPTS = {"classifier_sample.py": classifier_sample, "image_sample.py": image_sample,
