@@ -246,7 +246,7 @@ def _garble(path):
         (lambda p: p.write_text("junk"), "is not an .npz file (not a zip archive, or cut short)"),
         (lambda p: p.mkdir(), "s.npz' is a folder, not a file"),
         (lambda p: _cut(_valid_npz(p), 0.5), "is not an .npz file (not a zip archive, or cut short)"),
-        (lambda p: _garble(_valid_npz(p)), "is not a readable .npz (Bad CRC-32 for file 'arr_0.npy')"),
+        (lambda p: _garble(_valid_npz(p)), "is not readable: Bad CRC-32 for file 'arr_0.npy'"),
         (lambda p: np.savez(p, np.zeros((5, 32, 32, 1), np.float32)), "must be uint8"),
         (lambda p: np.savez(p, np.zeros((5, 28, 28, 1), np.uint8)), "28x28"),
         (lambda p: np.savez(p, np.zeros((3, 32, 32, 1), np.uint8)), "need more than 3 samples"),
