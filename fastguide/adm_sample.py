@@ -14,14 +14,18 @@ restarted job skips the shards that exist; rank 0 merges them into the ``.npz`` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from .files import remove_temporaries, temporary_name
 
 SHARDS = ".adm-sample-shards"
 PLAN = "adm-sample.json"
@@ -165,7 +169,7 @@ def _read_shard(folder: Path, b: int, size: int) -> tuple[np.ndarray, np.ndarray
 
 def run_adm_sample(args) -> None:
     from .adm.checkpoint import load_checkpoint
-    from .files import check_output_folder
+    from .files import check_output_folder, folder_lock
     from .generate import save_npz
     from .images import to_uint8
     from .sampler import GuidedSampler, SamplerConfig
@@ -177,6 +181,7 @@ def run_adm_sample(args) -> None:
     out = check_output_folder(args.out)
     dist = init_distributed(args.device)
     say = (lambda *a: None) if args.quiet else (lambda text: print(f"adm-sample rank {dist.rank}: {text}", flush=True))
+    lock = contextlib.ExitStack()
     try:
         m = flags.model
         unet = load_checkpoint(m.build(), flags.sample.model_path)
@@ -195,6 +200,10 @@ def run_adm_sample(args) -> None:
         status = None
         if dist.is_main:
             try:
+                out.mkdir(parents=True, exist_ok=True)
+                # one run per folder, for as long as it runs; then a killed run's temporaries can go
+                lock.enter_context(folder_lock(out, "fastguide adm-sample"))
+                _remove_temporaries(out, shards, plan)
                 status = _prepare(out, shards, plan)
             except ValueError as err:  # every rank says it (and none waits for rank 0)
                 status = f"error: {err}"
@@ -222,7 +231,16 @@ def run_adm_sample(args) -> None:
             say(f"wrote {path}")
         dist.barrier()
     finally:
+        lock.close()
         dist.close()
+
+
+def _remove_temporaries(out: Path, shards: Path, plan: Plan) -> None:
+    """Rank 0, holding the folder's lock: the temporary files a killed run left (the merged .npz's and the
+    plan's in ``out``, the shards' in ``shards``)."""
+    final, plan_tmp = temporary_name(_final_path(out, plan).name), temporary_name(PLAN)
+    remove_temporaries(out, re.compile(f"{final.pattern}|{plan_tmp.pattern}"))
+    remove_temporaries(shards, re.compile(r"\.batch_\d{6}\.[0-9a-f]{12}\.npz"))  # _shard's, as atomic_write names them
 
 
 def _prepare(out: Path, shards: Path, plan: Plan) -> str:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import os
+import re
 import secrets
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -78,7 +81,7 @@ def require_file(path: str | os.PathLike, what: str) -> Path:
 
 
 def check_output_folder(out: str | os.PathLike) -> Path:
-    """``out`` as a Path, after proving a file can be created there (nothing is left behind).
+    """``out`` as a Path, after checking that files can be created there (nothing is created).
 
     Raises:
         PermissionError: the folder (or the nearest existing parent) is not writable, or a parent is a file.
@@ -89,12 +92,10 @@ def check_output_folder(out: str | os.PathLike) -> Path:
     probe = nearest_existing(out)
     if not probe.is_dir():
         raise PermissionError(f"output folder {str(out)!r} cannot be created: {str(probe)!r} is a file")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".fastguide-probe-")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as err:
-        raise PermissionError(f"output folder {str(out)!r} is not writable ({err.strerror})") from None
+    # access(2), not a probe file: a probe whose removal fails would be left behind
+    if not os.access(probe, os.W_OK | os.X_OK):
+        why = "read-only file system" if os.statvfs(probe).f_flag & os.ST_RDONLY else "permission denied"
+        raise PermissionError(f"output folder {str(out)!r} is not writable ({why})")
     return out
 
 
@@ -104,3 +105,69 @@ def nearest_existing(path: str | os.PathLike) -> Path:
     while not path.exists():
         path = path.parent
     return path
+
+
+# ------------------------------------------------------------------------------------------- one writer
+
+
+def try_lock(folder: str | os.PathLike) -> int | None:
+    """An open descriptor of ``folder`` holding an exclusive ``flock`` on it, or None when another open
+    descriptor (another process, or this one) holds it. The kernel drops the lock when the descriptor is
+    closed or the process ends, however it ends: a killed run leaves no stale lock and no lock file."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold ``folder``'s lock (:func:`try_lock`) for the with-block: one writer per folder.
+
+    Args:
+        what: the command, for the message ("fastguide adm-sample").
+        wait: wait for the holder to finish (for short critical sections) instead of refusing.
+    Raises:
+        ValueError: another process holds it and ``wait`` is false.
+    """
+    if wait:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+    else:
+        fd = try_lock(folder)
+        if fd is None:
+            raise ValueError(f"{str(folder)!r} is in use: another {what} is writing there (one writer per folder); "
+                             "wait for it to finish or use another output folder")  # fmt: skip
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def temporary_name(name: str) -> re.Pattern:
+    """The names :func:`atomic_write` gives its temporary files for a file called ``name``."""
+    stem, dot, suffix = name.rpartition(".") if "." in name else (name, "", "")
+    return re.compile(rf"\.{re.escape(stem)}\.[0-9a-f]{{12}}{re.escape(dot + suffix)}")
+
+
+def remove_temporaries(folder: str | os.PathLike, names: re.Pattern) -> list[str]:
+    """Remove the files in ``folder`` whose names fully match ``names`` (a killed run's temporaries);
+    call it holding the folder's lock. Returns the names removed."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(folder):
+            if names.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+    return sorted(removed)

@@ -297,14 +297,16 @@ class GuidedSampler:
 
     # ---- input checks (all before any network call) ----
 
-    def _labels(self, labels, batch: int | None, device: torch.device) -> torch.Tensor:
+    def _labels(self, labels, batch: tuple[int, str] | None, device: torch.device) -> torch.Tensor:
+        """``labels`` checked, as a tensor on ``device``; ``batch``: (n, what) when ``what`` (the seeds, the
+        noise) fixes the number of samples."""
         y = torch.as_tensor(labels)
         if y.numel() == 0:
             raise ValueError(f"labels is empty ({labels!r}): nothing to sample")
         if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise ValueError(f"labels must be a 1-D sequence of integer class ids, got {labels!r}")
-        if batch is not None and len(y) != batch:
-            raise ValueError(f"got {len(y)} labels for a batch of {batch} samples")
+        if batch is not None and len(y) != batch[0]:
+            raise ValueError(f"got {len(y)} labels but {batch[0]} {batch[1]}: give one per label")
         bounds = [k for k in (self.num_classes, self.model_classes if self.class_cond else None) if k]
         for i, label in enumerate(y.tolist()):
             if label < 0:
@@ -480,7 +482,7 @@ class GuidedSampler:
         device = self._device(device)
         if seeds is not None and (isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__")):
             raise ValueError(f"seeds must be a sequence with one seed per sample, got {seeds!r}")
-        batch = len(seeds) if seeds is not None else (len(noise) if noise is not None else None)
+        batch = (len(seeds), "seeds") if seeds is not None else ((len(noise), "noise rows") if noise is not None else None)
         y = self._labels(labels, batch, device)
         extra = self._model_kwargs(model_kwargs, len(y), device)
         max_label = int(y.max())  # the labels were checked on the host just before: no extra wait

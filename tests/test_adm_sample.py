@@ -248,3 +248,31 @@ def test_a_damaged_shard_is_sampled_again_on_resume(tmp_path, checkpoints, damag
     _run(args, whole)
     got, want = np.load(out / NPZ), np.load(whole / NPZ)
     assert np.array_equal(got["arr_0"], want["arr_0"]) and np.array_equal(got["arr_1"], want["arr_1"])
+
+
+def test_one_writer_per_folder_and_a_killed_runs_temporaries_go_with_the_next_run(tmp_path, checkpoints, capsys):
+    from fastguide.files import try_lock
+
+    from faults import snapshot
+
+    out = tmp_path / "out"
+    args = [*FLAGS, *checkpoints, *RUN]
+    run = subprocess.run([sys.executable, "-m", "fastguide", "adm-sample", *args, "--out", str(out)],
+                         capture_output=True, text=True, env=_env(FASTGUIDE_KILL_AFTER_BATCHES="1:0"), timeout=600)  # fmt: skip
+    assert run.returncode != 0
+    litter = [out / ".samples_5x64x64x3.0123456789ab.npz", out / ".adm-sample.abcdef012345.json",
+              out / ".adm-sample-shards" / ".batch_000001.0123456789ab.npz"]  # what a kill -9 mid-write leaves
+    for path in litter:
+        path.write_bytes(b"half written")
+    (out / ".samples_mine.npz").write_bytes(b"the user's")  # not a name fastguide writes: kept
+    held = try_lock(out)  # another process writing there
+    try:
+        before = snapshot(out)
+        assert cli(["adm-sample", *args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is in use: another fastguide adm-sample is writing there" in err
+        assert snapshot(out) == before
+    finally:
+        os.close(held)
+    assert cli(["adm-sample", *args, "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == [".samples_mine.npz", "adm-sample.json", NPZ]

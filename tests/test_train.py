@@ -661,3 +661,28 @@ def test_a_resume_into_another_architecture_is_one_line_naming_the_difference(tm
     with pytest.raises(ValueError, match=r"is of another network than this run's: .*other shapes") as caught:
         run_clf(tmp_path, small_sets, iterations=6, model=other)
     assert "\n" not in str(caught.value)
+
+
+def test_one_run_per_out_dir_and_a_killed_runs_temporaries_go_with_the_next_run(tmp_path, small_sets):
+    from fastguide.files import try_lock
+
+    from faults import snapshot
+
+    part = run_clf(tmp_path, small_sets, iterations=3, save_interval=3)
+    out, ckpt = part.out_dir, part.out_dir / "checkpoints"
+    litter = [out / ".model.0123456789ab.safetensors", out / ".train.abcdef012345.jsonl",
+              out / ".config.0123456789ab.json", ckpt / ".tmp-latest-4242", ckpt / ".tmp-step_0000006-abcdef"]  # fmt: skip
+    for path in litter[:-1]:
+        path.write_bytes(b"half written")
+    litter[-1].mkdir()
+    (out / ".model.notes").write_text("the user's")  # not a name fastguide writes: kept
+    held = try_lock(out)  # another training run writing there
+    try:
+        before = snapshot(out)
+        with pytest.raises(ValueError, match="is in use: another fastguide training run is writing there"):
+            run_clf(tmp_path, small_sets, iterations=6)
+        assert snapshot(out) == before
+    finally:
+        os.close(held)
+    assert run_clf(tmp_path, small_sets, iterations=6).step == 6
+    assert not any(p.exists() for p in litter) and (out / ".model.notes").exists()

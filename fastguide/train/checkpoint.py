@@ -121,9 +121,17 @@ def _prune(root: Path, keep: int) -> None:
     for old in newer + steps[: max(0, len(steps) - keep)]:
         if old != latest:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):  # leftovers of a crashed write
-        if stale.is_dir():
+    remove_stale(root)
+
+
+def remove_stale(root: str | os.PathLike) -> None:
+    """The leftovers of a crashed :func:`write_checkpoint` under ``root`` (``.tmp-*`` folders and pointer
+    files); call it as the folder's only writer."""
+    for stale in Path(root).glob(".tmp-*"):
+        if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 class DamagedCheckpoint(ValueError):

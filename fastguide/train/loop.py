@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,9 +31,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ..files import atomic_write
+from ..files import atomic_write, folder_lock, remove_temporaries, temporary_name
 from .data import random_flip
-from .checkpoint import load_latest_checkpoint, read_checkpoint, write_checkpoint
+from .checkpoint import load_latest_checkpoint, read_checkpoint, remove_stale, write_checkpoint
 from .distributed import DistState, kill_if_asked
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -90,6 +91,12 @@ class TrainConfig:
         for name in ("eval_interval", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        from .data import LABEL_MODES
+
+        if self.labels not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {' | '.join(LABEL_MODES)}, got {self.labels!r}")
+        if self.labels != "auto" and self.data == "mnist5k" and self.val_data in ("auto", "none"):
+            raise ValueError(f"labels {self.labels!r} applies to image-folder data, and data is mnist5k (labelled)")
         unknown = [k for k in _names(self.allow_change) if k not in {f.name for f in dataclasses.fields(self)}]
         if unknown:
             raise ValueError(f"allow_change names {unknown[0]!r}, which is not a setting")
@@ -510,9 +517,29 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume not in ("auto", "none") and not Path(cfg.resume).is_dir():  # before out_dir is made
             raise ValueError(f"--resume {cfg.resume!r}: no such folder (a run's out_dir or one of its checkpoints)")
-        if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.dist.barrier()
+        with contextlib.ExitStack() as lock:
+            error = None
+            if self.dist.is_main:  # one run per out_dir, for as long as it runs (the kernel drops it on any exit)
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    lock.enter_context(folder_lock(self.out_dir, "fastguide training run"))
+                    self._remove_temporaries()
+                except ValueError as err:
+                    error = str(err)
+            error = self.dist.all_gather_object(error)[0]
+            if error is not None:  # every rank says it
+                raise ValueError(error)
+            return self._train()
+
+    def _remove_temporaries(self) -> None:
+        """Rank 0, holding out_dir's lock: what a killed run left half-written (its files' temporaries, and
+        the checkpoints folder's ``.tmp-*``)."""
+        names = ("model.safetensors", "ema.safetensors", "config.json", *LOGS)
+        remove_temporaries(self.out_dir, re.compile("|".join(temporary_name(n).pattern for n in names)))
+        remove_stale(self.out_dir / "checkpoints")
+
+    def _train(self) -> TrainResult:
+        cfg = self.cfg
         self.restore()
         self.model.train()
         bar = None
@@ -550,6 +577,7 @@ class Trainer:
             save_weights(self.out_dir / "model.safetensors", self.model.state_dict())
             if self.ema is not None:
                 save_weights(self.out_dir / "ema.safetensors", self.ema)
-            (self.out_dir / "config.json").write_text(json.dumps(self.run_config, indent=1, default=str))
+            text = json.dumps(self.run_config, indent=1, default=str)
+            atomic_write(self.out_dir / "config.json", lambda tmp: tmp.write_text(text))
         self.dist.barrier()
 
