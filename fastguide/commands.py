@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 
-from .files import atomic_write, check_output_folder, folder_lock, make_temp_dir, try_lock
+from .files import atomic_write, check_output_folder, folder_lock, make_temp_dir, nearest_existing, try_lock
 from .generate import add_guidance_schedule_arguments, sampler_options
 from .guidance import POLICIES
 from .sampler import METHODS
@@ -130,6 +130,8 @@ def _sample_plan(args) -> dict:
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
     if not 0 <= args.grad_maps <= MAX_GRAD_MAPS:
         raise ValueError(f"--grad_maps must be between 0 and {MAX_GRAD_MAPS} samples, got {args.grad_maps}")
+    schedule = flags.schedule(DEFAULT_RESPACING[args.method] if args.respacing is None else args.respacing)
+    _check_disk_space(args, len(classes) * args.count, flags.in_channels * flags.image_size**2, schedule.num_steps)
     labels = [c for c in classes for _ in range(args.count)]
     if args.seeds is not None:
         seeds = _int_list(args.seeds, "--seeds")
@@ -143,12 +145,28 @@ def _sample_plan(args) -> dict:
             raise ValueError(f"seed {s} is not in [0, 2**63)")
     strength = args.scale if args.scale is not None or args.policy != "eds" else default_gamma(flags.class_cond)
     policy = build_policy(args.policy, strength, args.threshold, args.t_max)
-    schedule = flags.schedule(DEFAULT_RESPACING[args.method] if args.respacing is None else args.respacing)
     options = sampler_options(args)
     config = SamplerConfig(method=args.method, eta=args.eta, **options)  # checks the sampler's settings
     if guided:
         config.guidance_plan(schedule)  # the interval must hold a step of this chain
     return dict(labels=labels, seeds=seeds, policy=policy, classes=classes, num_classes=num_classes, options=options)
+
+
+def _check_disk_space(args, n: int, pixels: int, steps: int) -> None:
+    """ValueError when ``n`` samples cannot be written where --out is: ``sample`` streams its images and
+    traces (3 float32 per step and sample) to disk as it goes, then writes the .npz."""
+    need = n * (2 * pixels + 3 * 4 * steps)
+    free = shutil.disk_usage(nearest_existing(args.out)).free
+    if need > free:
+        raise ValueError(f"--count {args.count} ({n} samples) needs about {_size(need)} on disk at {args.out!r} "
+                         f"(images and traces while sampling, then the .npz), and {_size(free)} are free")  # fmt: skip
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
 
 
 STAGING = ".fastguide-staging-"  # a `fastguide sample` run's folder of new files, inside --out
@@ -297,38 +315,38 @@ def run_sample(args) -> None:
     n_steps = sampler.schedule.num_steps
     m = min(args.grad_maps, len(plan["labels"]))
     map_steps = sorted({round(i * (n_steps - 1) / (GRAD_MAP_STEPS - 1)) for i in range(GRAD_MAP_STEPS)}) if m else []
-    gen = generate(sampler, plan["labels"], plan["seeds"], args.batch_size, device, progress=not args.quiet,
-                   grad_map_steps=map_steps, grad_map_samples=m)  # fmt: skip
-    seconds = time.perf_counter() - start
-    baseline = None
-    if map_steps:  # Fig. 4 compares with ADM's constant scale 1 on the same seeds
-        base_sampler = make_sampler(nets, build_policy("constant", 1.0), args.method, args.respacing, args.eta,
-                                    args.compile, args.precision, **extra)  # fmt: skip
-        baseline = generate(base_sampler, plan["labels"][:m], plan["seeds"][:m], args.batch_size, device,
-                            progress=False, grad_map_steps=map_steps, grad_map_samples=m)  # fmt: skip
-    what = (f"{args.model} UNet, {args.classifier} classifier, {plan['policy']!r}, {args.method} "
-            f"{n_steps} steps" if guided else f"{args.model} UNet, unguided, {args.method} {n_steps} steps")  # fmt: skip
-    n, h, w, c = gen.images.shape
-    names = {"grid": "grid.png", "samples": f"samples_{n}x{h}x{w}x{c}.npz", "run": "run.json"}
-    if guided:
-        names["trace"] = "trace.png"
-    if map_steps:
-        names["grad_maps"] = "grad_maps.png"
-    summary = {
-        "what": what,
-        "samples": n,
-        "sampling_seconds": round(seconds, 2),
-        "device": str(device),
-        "precision": args.precision,
-        "fast_path": sampler.config.fast_path(device)._asdict() | {"autocast": str(sampler.config.fast_path(device).autocast)},
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "files": names,
-    }
-    if gen.entropy is not None:
-        called = [k for k in range(len(gen.entropy)) if not np.isnan(gen.entropy[k]).all()]  # classifier steps
-        summary["mean_entropy_first_last"] = [float(gen.entropy[called[0]].mean()), float(gen.entropy[called[-1]].mean())]
-        summary["mean_scale_first_last"] = [float(gen.scale[0].mean()), float(gen.scale[-1].mean())]
-    with Staging(out) as stage:
+    with Staging(out) as stage:  # the images and traces stream into it as they are made
+        gen = generate(sampler, plan["labels"], plan["seeds"], args.batch_size, device, progress=not args.quiet,
+                       grad_map_steps=map_steps, grad_map_samples=m, store=stage.tmp)  # fmt: skip
+        seconds = time.perf_counter() - start
+        baseline = None
+        if map_steps:  # Fig. 4 compares with ADM's constant scale 1 on the same seeds
+            base_sampler = make_sampler(nets, build_policy("constant", 1.0), args.method, args.respacing, args.eta,
+                                        args.compile, args.precision, **extra)  # fmt: skip
+            baseline = generate(base_sampler, plan["labels"][:m], plan["seeds"][:m], args.batch_size, device,
+                                progress=False, grad_map_steps=map_steps, grad_map_samples=m)  # fmt: skip
+        what = (f"{args.model} UNet, {args.classifier} classifier, {plan['policy']!r}, {args.method} "
+                f"{n_steps} steps" if guided else f"{args.model} UNet, unguided, {args.method} {n_steps} steps")  # fmt: skip
+        n, h, w, c = gen.images.shape
+        names = {"grid": "grid.png", "samples": f"samples_{n}x{h}x{w}x{c}.npz", "run": "run.json"}
+        if guided:
+            names["trace"] = "trace.png"
+        if map_steps:
+            names["grad_maps"] = "grad_maps.png"
+        summary = {
+            "what": what,
+            "samples": n,
+            "sampling_seconds": round(seconds, 2),
+            "device": str(device),
+            "precision": args.precision,
+            "fast_path": sampler.config.fast_path(device)._asdict() | {"autocast": str(sampler.config.fast_path(device).autocast)},
+            "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+            "files": names,
+        }
+        if gen.entropy is not None:
+            called = [k for k in range(len(gen.entropy)) if not np.isnan(gen.entropy[k]).all()]  # classifier steps
+            summary["mean_entropy_first_last"] = [float(gen.entropy[called[0]].mean()), float(gen.entropy[called[-1]].mean())]
+            summary["mean_scale_first_last"] = [float(gen.scale[0].mean()), float(gen.scale[-1].mean())]
         save_npz(stage.path(names["samples"]), gen.images, gen.labels)
         save_grid(stage.path(names["grid"]), gen.images, gen.labels)
         if guided:

@@ -182,6 +182,7 @@ def generate(
     grad_map_steps: Sequence[int] = (),
     grad_map_samples: int = 0,
     desc: str = "sampling",
+    store: str | os.PathLike | None = None,
 ) -> Generated:
     """Samples ``labels[i]`` from ``seeds[i]``, ``batch_size`` at a time (results do not depend on it).
 
@@ -189,6 +190,10 @@ def generate(
     those step indices are recomputed from the kept ``x_t`` (the same deterministic classifier call). A
     step that reused the guidance (``guidance_every``) shows the gradient it applied: that of the last
     step that called the classifier; a step without guidance shows zeros.
+
+    With ``store`` (a folder), the images and the per-step traces go batch by batch into ``.npy`` files
+    there, memory-mapped: the run holds one batch in memory however many samples it makes, and the
+    returned arrays are those maps.
     """
     from tqdm.auto import tqdm
 
@@ -197,6 +202,7 @@ def generate(
     n_steps = sampler.schedule.num_steps
     bar = tqdm(total=len(labels) * n_steps, disable=not progress, desc=desc, unit="img-step", leave=False)
     images, traces = [], []
+    sink = _Sink(Path(store), len(labels), n_steps) if store is not None else None
     kept: dict[int, list[torch.Tensor]] = {}
     plan = sampler.guidance_plan() if grad_map_steps and sampler.classifier is not None else []
     source = {}  # map step -> the step whose x_t gave the gradient applied there
@@ -225,8 +231,12 @@ def generate(
                     result = sampler.sample(lab, seeds=sd, device=device, callback=on_step)
             except FloatingPointError as err:  # name the sample by its place in the whole run
                 raise FloatingPointError(f"{err} (sample numbers count from sample {start} of this run)") from None
-            images.append(to_uint8(result.images).cpu().numpy())
-            traces.append(result.trace)
+            if sink is not None:  # on disk, the batch's trace kept only for the gradient maps
+                sink.put(start, to_uint8(result.images).cpu().numpy(), result.trace)
+                traces.append(result.trace if start < grad_map_samples or not traces else None)
+            else:
+                images.append(to_uint8(result.images).cpu().numpy())
+                traces.append(result.trace)
     finally:
         bar.close()
     grad_maps, x_maps = {}, {}
@@ -239,16 +249,18 @@ def generate(
             if j not in grads:
                 t = sampler.schedule.model_timesteps(torch.full((len(xs[j]),), n_steps - 1 - j, device=device))
                 grads[j] = classifier_gradient(sampler.classifier, xs[j], t, y).grad
-            s = torch.cat([tr.scale[k] for tr in traces])[: len(xs[k])].to(device)
+            s = torch.cat([tr.scale[k] for tr in traces if tr is not None])[: len(xs[k])].to(device)
             grad_maps[k] = (s[:, None, None, None] * grads[j]).cpu().numpy()
             x_maps[k] = xs[k].cpu().numpy()
 
     def stacked(name):
+        if sink is not None:
+            return sink.traces.get(name)
         cols = [getattr(tr, name) for tr in traces]
         return None if cols[0] is None else torch.cat(cols, dim=1).numpy()
 
     return Generated(
-        images=np.concatenate(images),
+        images=sink.images if sink is not None else np.concatenate(images),
         labels=np.asarray(list(labels), dtype=np.int64),
         t=traces[0].t.numpy(),
         entropy=stacked("entropy"),
@@ -257,6 +269,30 @@ def generate(
         grad_maps=grad_maps,
         x_maps=x_maps,
     )
+
+
+class _Sink:
+    """:func:`generate`'s arrays as memory-mapped ``.npy`` files in ``folder``, made at the first batch."""
+
+    TRACES = ("entropy", "scale", "grad_norm")
+
+    def __init__(self, folder: Path, n: int, n_steps: int):
+        self.folder, self.n, self.n_steps = folder, n, n_steps
+        self.images: np.ndarray | None = None
+        self.traces: dict[str, np.ndarray] = {}
+
+    def _map(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        return np.lib.format.open_memmap(self.folder / f".{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+    def put(self, start: int, images: np.ndarray, trace) -> None:
+        if self.images is None:
+            self.images = self._map("images", (self.n, *images.shape[1:]), np.uint8)
+            for name in self.TRACES:
+                if getattr(trace, name) is not None:
+                    self.traces[name] = self._map(name, (self.n_steps, self.n), np.float32)
+        self.images[start : start + len(images)] = images
+        for name, array in self.traces.items():
+            array[:, start : start + len(images)] = getattr(trace, name).numpy()
 
 
 def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None) -> None:

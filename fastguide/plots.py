@@ -34,14 +34,19 @@ def _save(fig, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def grid_image(images: np.ndarray, labels: np.ndarray, scale: int = 2, pad: int = 2) -> np.ndarray:
-    """uint8 (rows·(H+pad)+pad, cols·(W+pad)+pad, C) grid: a row per class (ascending), samples in order."""
+GRID_COLUMNS = 64  # samples of each class in the grid at most (the first ones)
+
+
+def grid_image(images: np.ndarray, labels: np.ndarray, scale: int = 2, pad: int = 2,
+               columns: int = GRID_COLUMNS) -> np.ndarray:  # fmt: skip
+    """uint8 (rows·(H+pad)+pad, cols·(W+pad)+pad, C) grid: a row per class (ascending), its first ``columns``
+    samples in order."""
     classes = sorted(set(labels.tolist()))
-    cols = max(int((labels == c).sum()) for c in classes)
+    cols = min(columns, max(int((labels == c).sum()) for c in classes))
     n, h, w, c = images.shape
     grid = np.full((len(classes) * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
     for r, cls in enumerate(classes):
-        for j, i in enumerate(np.flatnonzero(labels == cls)):
+        for j, i in enumerate(np.flatnonzero(labels == cls)[:cols]):
             y0, x0 = pad + r * (h + pad), pad + j * (w + pad)
             grid[y0 : y0 + h, x0 : x0 + w] = images[i]
     return grid.repeat(scale, axis=0).repeat(scale, axis=1)
@@ -56,8 +61,10 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray, s
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-def _band(ax, t: np.ndarray, values: np.ndarray, label: str, color: str) -> None:
-    lo, mid, hi = np.percentile(values, [10, 50, 90], axis=1)
+def _band(ax, t: np.ndarray, row, label: str, color: str) -> None:
+    """Median and 10–90% band over the samples of ``row(k)`` at each step k (a row at a time: the traces
+    of a long run are memory-mapped)."""
+    lo, mid, hi = np.array([np.percentile(row(k), [10, 50, 90]) for k in range(len(t))]).T
     ax.plot(t, mid, color=color, label=f"{label} (median)")
     ax.fill_between(t, lo, hi, color=color, alpha=0.25, label="10-90%")
 
@@ -67,15 +74,15 @@ def save_trace_plot(path: str | os.PathLike, gen: Generated, title: str, num_cla
     if gen.entropy is None:
         raise ValueError("the run was unguided: there is no entropy, scale or gradient trace to plot")
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")  # no y-label over the next panel
     t = gen.t
-    _band(axes[0], t, gen.entropy, "H(p(y|x_t))", "tab:blue")
+    _band(axes[0], t, lambda k: gen.entropy[k], "H(p(y|x_t))", "tab:blue")
     axes[0].axhline(np.log(num_classes), color="gray", ls="--", lw=1, label="log K (uniform)")
     axes[0].set_ylabel("entropy [nats]")
-    _band(axes[1], t, gen.scale, "scale s", "tab:orange")
+    _band(axes[1], t, lambda k: gen.scale[k], "scale s", "tab:orange")
     axes[1].set_ylabel("guidance scale")
-    _band(axes[2], t, gen.grad_norm, "‖∇ log p(y|x_t)‖", "tab:green")
-    _band(axes[2], t, gen.grad_norm * np.abs(gen.scale), "‖s·∇‖", "tab:red")
+    _band(axes[2], t, lambda k: gen.grad_norm[k], "‖∇ log p(y|x_t)‖", "tab:green")
+    _band(axes[2], t, lambda k: gen.grad_norm[k] * np.abs(gen.scale[k]), "‖s·∇‖", "tab:red")
     axes[2].set_yscale("log")
     axes[2].set_ylabel("gradient norm")
     for ax in axes:

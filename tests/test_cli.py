@@ -476,3 +476,26 @@ def test_an_os_error_at_run_time_is_one_line_with_status_1(tmp_path, monkeypatch
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(r"fastguide sample: error: No space left on device \(.*\)", line), line
     assert not (tmp_path / "out").exists()
+
+
+def test_sample_streams_images_and_traces_to_disk_and_equals_the_in_memory_run(tmp_path):
+    """A long run holds one batch in memory: generate(store=) writes each batch into memory-mapped files;
+    the arrays are the in-memory run's, bit for bit."""
+    nets = load_networks("cond", "ect", torch.device("cpu"))
+    sampler = make_sampler(nets, EntropyDriven(1.0), "ddim", "ddim4")
+    labels, seeds = [0, 7, 3, 3, 1], [5, 6, 7, 8, 9]
+    memory = generate(sampler, labels, seeds, 2, torch.device("cpu"), progress=False)
+    disk = generate(sampler, labels, seeds, 2, torch.device("cpu"), progress=False, store=tmp_path)
+    assert isinstance(disk.images, np.memmap) and isinstance(disk.entropy, np.memmap)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".entropy.npy", ".grad_norm.npy", ".images.npy", ".scale.npy"]
+    for name in ("images", "entropy", "scale", "grad_norm", "labels", "t"):
+        assert np.array_equal(getattr(memory, name), getattr(disk, name), equal_nan=name != "images"), name
+
+
+def test_the_grid_shows_the_first_columns_of_each_class_at_most():
+    images = np.arange(10 * 4 * 4, dtype=np.uint8).reshape(10, 4, 4, 1)
+    labels = np.asarray([0] * 7 + [1] * 3)
+    grid = grid_image(images, labels, scale=1, pad=1, columns=5)
+    assert grid.shape == (2 * 5 + 1, 5 * 5 + 1, 1)
+    assert np.array_equal(grid[1:5, 1 + 4 * 5 : 5 + 4 * 5], images[4])  # class 0's fifth sample, no sixth
+    assert np.array_equal(grid[6:10, 1 + 2 * 5 : 5 + 2 * 5], images[9])

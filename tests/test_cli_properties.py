@@ -72,7 +72,7 @@ def test_the_walk_covers_every_subcommand():
 TINY = ["--count", "2", "--respacing", "ddim4", "--quiet"]
 BAD = {
     "sample": [
-        (["--count", "0"], "count"), (["--count", "-3"], "-3"), (["--batch_size", "0"], "batch_size"),
+        (["--count", "0"], "count"), (["--count", "1000000000"], "--count 1000000000 (10000000000 samples) needs"), (["--count", "-3"], "-3"), (["--batch_size", "0"], "batch_size"),
         (["--scale", "nan"], "nan"), (["--scale", "1e39"], "1e+39"), (["--scale", "-1"], "-1"),
         (["--seed", "-1"], "-1"), (["--seed", str(2**63)], str(2**63)), (["--seeds", "1,x"], "1,x"),
         (["--seeds", "1"], "1 seeds"), (["--classes", "10"], "10"), (["--classes", "-1"], "-1"),

@@ -137,6 +137,7 @@ def test_sample_with_an_io_error_at_every_file_operation(tmp_path, monkeypatch, 
 
     def generate_once(*args, **kwargs):
         key = (tuple(args[1]), tuple(args[2]))  # labels, seeds
+        kwargs.pop("store", None)  # in memory: the cached arrays outlive the run's staging folder
         if key not in cache:
             cache[key] = real(*args, **kwargs)
         return cache[key]
