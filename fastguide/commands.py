@@ -404,12 +404,13 @@ def run_evaluate(args) -> None:
         check_output_folder(Path(args.json).parent)
     evaluator = Evaluator(ref, args.inception, device, spatial=args.sfid, eval_net=args.eval_net)
     evaluator.check(images, labels)
+    print("Computing evaluations...", flush=True)  # ADM's evaluator's lines, as it prints them: this first
     scores = evaluator(images, labels)
-    for key, value in scores.as_dict().items():
-        print(f"{key:16s} {value:.4f}" if isinstance(value, float) else f"{key:16s} {value}")
-    print("Computing evaluations...")  # ADM's evaluator's summary, line for line
     for line in evaluator.adm_summary(scores):
         print(line)
+    print()  # then every score
+    for key, value in scores.as_dict().items():
+        print(f"{key:16s} {value:.4f}" if isinstance(value, float) else f"{key:16s} {value}")
     if args.json is not None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(scores.as_dict(), indent=1) + "\n"))

@@ -127,8 +127,10 @@ def save_grad_maps(path: str | os.PathLike, gen: Generated, title: str, baseline
     _save(fig, path)
 
 
-def save_sweep_plot(path: str | os.PathLike, rows: Sequence[dict], metric_names: Sequence[str], title: str) -> None:
-    """One panel per metric: the metric against each policy's swept strength, a line per policy."""
+def save_sweep_plot(path: str | os.PathLike, rows: Sequence[dict], metric_names: Sequence[str], title: str,
+                    unguided: dict | None = None) -> None:  # fmt: skip
+    """One panel per metric: the metric against each policy's swept strength, a line per policy, and the
+    ``unguided`` run's value (the same model and sampler) as a dashed horizontal line."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metric_names), figsize=(4.2 * len(metric_names), 3.4), squeeze=False)
     policies = sorted({r["policy"] for r in rows})
@@ -137,6 +139,8 @@ def save_sweep_plot(path: str | os.PathLike, rows: Sequence[dict], metric_names:
             pts = sorted((r["strength"], r[metric]) for r in rows if r["policy"] == policy and r[metric] != "")
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+        if unguided is not None and np.isfinite(unguided.get(metric, np.nan)):
+            ax.axhline(unguided[metric], color="black", ls="--", lw=1, label="unguided")
         ax.set_xscale("log")
         ax.set_xlabel("strength (γ, s or C)")
         ax.set_title(metric)

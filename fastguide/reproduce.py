@@ -283,7 +283,10 @@ def run(args: argparse.Namespace) -> None:
         for sampler in names.values():
             for classifier in classifiers:
                 sel = [r for r in numeric if (r["model"], r["sampler"], r["classifier"]) == (model, sampler, classifier)]
+                unguided = [dict(r, **{m: _num(r, m) for m in METRICS}) for r in rows
+                            if (r["model"], r["sampler"], r["policy"]) == (model, sampler, "none")]  # fmt: skip
                 if sel:
                     save_sweep_plot(out / f"sweep_{model}_{sampler}_{classifier}.png", sel, ("fid", "class_accuracy", "recall"),
-                                    f"{model} UNet, {sampler}, {classifier.upper()} classifier")  # fmt: skip
+                                    f"{model} UNet, {sampler}, {classifier.upper()} classifier",
+                                    unguided[0] if unguided else None)  # fmt: skip
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'} and the sweep plots")

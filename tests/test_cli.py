@@ -210,7 +210,11 @@ def test_evaluate_scores_a_written_npz_and_writes_json(tmp_path, capsys):
     pick = np.concatenate([np.flatnonzero(train.labels.numpy() == c)[:20] for c in range(10)])
     images = train.pixels[pick].permute(0, 2, 3, 1).numpy()
     np.savez(tmp_path / "real.npz", images, train.labels[pick].numpy())
+    capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "real.npz"), "--json", str(tmp_path / "s.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()  # ADM's order: "Computing evaluations..." before the scores
+    assert lines[0] == "Computing evaluations..." and lines[1].startswith("Inception Score: ")
+    assert lines[5].startswith("Recall: ") and lines[6] == "" and lines[7].startswith("fid ")
     scores = json.loads((tmp_path / "s.json").read_text())
     assert scores["class_accuracy"] >= 0.98 and scores["num_samples"] == 200 and scores["num_reference"] == 500
     assert scores["inception_score"] > 8  # confident and balanced over the 10 digits

@@ -127,3 +127,16 @@ def test_the_multistep_solvers_join_the_grid_at_their_own_respacing(tmp_path):
     assert [(r["sampler"], r["policy"]) for r in rows] == [
         ("dpmpp2m-3", "none"), ("dpmpp2m-3", "eds"), ("unipc-3", "none"), ("unipc-3", "eds")]
     assert "dpmpp2m-3 (respacing 3)" in (out / "results.md").read_text()
+
+
+def test_the_sweep_plot_draws_the_unguided_run_as_a_reference_line(tmp_path, monkeypatch):
+    import fastguide.plots as plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    rows = [{"policy": "eds", "strength": s, "fid": f, "recall": 0.5} for s, f in ((1.0, 3.0), (3.0, 2.0))]
+    plots.save_sweep_plot(tmp_path / "s.png", rows, ("fid", "recall"), "t", {"fid": 4.5, "recall": float("nan")})
+    fid, recall = figures[0].axes[:2]
+    line = [ln for ln in fid.lines if ln.get_label() == "unguided"]
+    assert len(line) == 1 and list(line[0].get_ydata()) == [4.5, 4.5]
+    assert not [ln for ln in recall.lines if ln.get_label() == "unguided"]  # no value, no line

@@ -686,3 +686,11 @@ def test_one_run_per_out_dir_and_a_killed_runs_temporaries_go_with_the_next_run(
         os.close(held)
     assert run_clf(tmp_path, small_sets, iterations=6).step == 6
     assert not any(p.exists() for p in litter) and (out / ".model.notes").exists()
+
+
+def test_eval_samples_evaluates_the_first_held_out_images_only(tmp_path, small_sets):
+    result = run_clf(tmp_path, small_sets, iterations=2, eval_buckets=2, eval_samples=12)
+    rows = [json.loads(x) for x in (Path(result.out_dir) / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["images"] == 12 for r in rows)
+    with pytest.raises(ValueError, match="eval_samples must be -1 \\(all\\) or >= 1, got 0"):
+        run_clf(tmp_path / "b", small_sets, eval_samples=0)

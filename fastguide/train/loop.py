@@ -66,6 +66,7 @@ class TrainConfig:
     save_interval: int = 500  # steps between checkpoints (a checkpoint is always written at the end)
     keep_checkpoints: int = 2  # complete checkpoints kept on disk
     eval_buckets: int = 10  # noise-level buckets of t for validation
+    eval_samples: int = -1  # held-out images in each evaluation, the first ones (-1 = all; a smoke run: fewer)
     resume: str = "auto"  # "auto": continue from out_dir's latest checkpoint; "none"; or a run/checkpoint folder
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int = 0  # data-loader worker processes
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"microbatch {self.microbatch} must be -1 or in 1..{rank_batch} (the per-rank batch)")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.eval_samples == 0 or self.eval_samples < -1:
+            raise ValueError(f"eval_samples must be -1 (all) or >= 1, got {self.eval_samples}")
         for name in ("eval_interval", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -104,7 +107,7 @@ class TrainConfig:
 
 # settings that do not change what a resumed run computes: they may differ on resume
 RESUMABLE = frozenset({"out_dir", "resume", "iterations", "log_interval", "eval_interval", "save_interval",
-                       "keep_checkpoints", "eval_buckets", "device", "num_workers", "progress", "allow_change"})  # fmt: skip
+                       "keep_checkpoints", "eval_buckets", "eval_samples", "device", "num_workers", "progress", "allow_change"})  # fmt: skip
 
 
 def _names(text: str) -> list[str]:
@@ -484,8 +487,14 @@ class Trainer:
         if self.task.evaluate is None or self.val_set is None:
             return
         if self.dist.is_main:
+            data = self.val_set
+            if 0 < self.cfg.eval_samples < len(data):
+                data = torch.utils.data.Subset(data, range(self.cfg.eval_samples))
+            if self.cfg.progress:  # it can take minutes: say what it does
+                print(f"held-out evaluation at step {self.step}: {len(data)} images x {self.cfg.eval_buckets} noise "
+                      "buckets (--eval_samples N: fewer images)", flush=True)  # fmt: skip
             self.model.eval()
-            rows = self.task.evaluate(self.model, self.val_set, self.dist.device)
+            rows = self.task.evaluate(self.model, data, self.dist.device)
             self.model.train()
             # the final evaluation of a run started again after it had finished replaces the earlier one
             _drop_rows(self.out_dir / "eval.jsonl", lambda row: _step_of(row) == self.step)
