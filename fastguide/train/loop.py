@@ -100,7 +100,8 @@ class TrainConfig:
             raise ValueError(f"labels must be one of {' | '.join(LABEL_MODES)}, got {self.labels!r}")
         if self.labels != "auto" and self.data == "mnist5k" and self.val_data in ("auto", "none"):
             raise ValueError(f"labels {self.labels!r} applies to image-folder data, and data is mnist5k (labelled)")
-        unknown = [k for k in _names(self.allow_change) if k not in {f.name for f in dataclasses.fields(self)}]
+        settings = {f.name for f in dataclasses.fields(self)} | {"data_contents"}  # the data's files, recorded
+        unknown = [k for k in _names(self.allow_change) if k not in settings]
         if unknown:
             raise ValueError(f"allow_change names {unknown[0]!r}, which is not a setting")
 
@@ -130,6 +131,8 @@ def resume_changes(earlier: dict, now: dict, allowed: list[str], defaults: dict 
                 out[prefix + k] = v
         return out
 
+    if "data_contents" not in earlier:  # a run from before the data's contents were recorded
+        now = {k: v for k, v in now.items() if k != "data_contents"}
     a, b = flat(json.loads(json.dumps(earlier, default=str))), flat(json.loads(json.dumps(now, default=str)))
     defaults = defaults or {}
     changes = {k: {"from": a.get(k), "to": b.get(k)} for k in sorted(a.keys() | b.keys())

@@ -14,7 +14,7 @@ from ..adm.configs import ClassifierFlags, ModelFlags
 from ..guidance import entropy_from_log_probs
 from ..losses import ect_terms
 from ..schedule import Schedule
-from .data import ImageDataset, describe, image_folder, mnist5k
+from .data import ImageDataset, describe, fingerprint, image_folder, mnist5k
 from .distributed import init_distributed
 from .loop import LossTerms, StepNoise, Task, Trainer, TrainConfig, TrainResult
 from .losses import diffusion_loss, q_sample
@@ -277,6 +277,9 @@ def _train(config, kind: str, model, train_set, val_set) -> TrainResult:
     schedule = training_schedule(config)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     run_config = dataclasses.asdict(config)
+    contents = {"train": fingerprint(train_set), "held_out": fingerprint(val_set)}
+    if contents["train"] is not None:  # the run's identity includes its data's contents (checked on resume)
+        run_config["data_contents"] = contents
     if kind == "classifier":
         if model is None:
             model, flags = build_classifier(config, train_set)
