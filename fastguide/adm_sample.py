@@ -169,7 +169,7 @@ def _read_shard(folder: Path, b: int, size: int) -> tuple[np.ndarray, np.ndarray
 
 def run_adm_sample(args) -> None:
     from .adm.checkpoint import load_checkpoint
-    from .files import check_output_folder, folder_lock
+    from .files import check_output_folder, folder_lock, nearest_existing
     from .generate import save_npz
     from .images import to_uint8
     from .sampler import GuidedSampler, SamplerConfig
@@ -179,11 +179,16 @@ def run_adm_sample(args) -> None:
     config = SamplerConfig(method=plan.method, clip_denoised=flags.sample.clip_denoised,
                            compile=args.compile, precision=args.precision)  # fmt: skip
     out = check_output_folder(args.out)
+    m = flags.model
+    need = 2 * flags.sample.num_samples * m.in_channels * m.image_size**2  # the shards, then the .npz
+    free = shutil.disk_usage(nearest_existing(out)).free
+    if need > free:
+        raise ValueError(f"--num_samples {flags.sample.num_samples} needs about {need / 1e9:.1f} GB on disk at "
+                         f"{str(out)!r} (the shards, then the .npz), and {free / 1e9:.1f} GB are free")  # fmt: skip
     dist = init_distributed(args.device)
     say = (lambda *a: None) if args.quiet else (lambda text: print(f"adm-sample rank {dist.rank}: {text}", flush=True))
     lock = contextlib.ExitStack()
     try:
-        m = flags.model
         unet = load_checkpoint(m.build(), flags.sample.model_path)
         if m.use_fp16:
             unet.convert_to_fp16()
@@ -227,7 +232,7 @@ def run_adm_sample(args) -> None:
             kill_if_asked(KILL_AFTER_BATCHES, written, dist.rank)
         dist.barrier()
         if dist.is_main:
-            path = _merge(out, shards, plan, save_npz)
+            path = _merge(out, shards, plan)
             say(f"wrote {path}")
         dist.barrier()
     finally:
@@ -275,16 +280,27 @@ def _final_path(out: Path, plan: Plan) -> Path:
     return out / f"samples_{f['num_samples']}x{f['image_size']}x{f['image_size']}x{f['in_channels']}.npz"
 
 
-def _merge(out: Path, shards: Path, plan: Plan, save_npz) -> Path:
-    """Rank 0: every shard, in batch order, into ADM's .npz; then the shards go."""
-    images, labels = [], []
-    for b, batch in enumerate(plan.batches):
+def _merge(out: Path, shards: Path, plan: Plan) -> Path:
+    """Rank 0: every shard, in batch order, into ADM's .npz, a shard at a time (memory holds one); then the
+    shards go."""
+    from .generate import save_npz_chunks
+
+    labels, shape = [], None
+    for b, batch in enumerate(plan.batches):  # every shard is there and whole before the .npz is begun
         shard = _read_shard(shards, b, len(batch))
         if shard is None:
             raise ValueError(f"shard {_shard(shards, b)} is missing after every rank finished")
-        images.append(shard[0])
         labels.append(shard[1])
+        shape = shard[0].shape[1:]
     path = _final_path(out, plan)
-    save_npz(path, np.concatenate(images), np.concatenate(labels))
+
+    def chunks():
+        for b, batch in enumerate(plan.batches):
+            shard = _read_shard(shards, b, len(batch))
+            if shard is None:
+                raise ValueError(f"shard {_shard(shards, b)} changed while the .npz was written")
+            yield shard[0]
+
+    save_npz_chunks(path, (sum(map(len, labels)), *shape), chunks(), np.concatenate(labels))
     shutil.rmtree(shards, ignore_errors=True)
     return path

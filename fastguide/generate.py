@@ -295,6 +295,33 @@ class _Sink:
             array[:, start : start + len(images)] = getattr(trace, name).numpy()
 
 
+def save_npz_chunks(path: str | os.PathLike, shape: tuple[int, ...], chunks, labels: np.ndarray | None) -> None:
+    """ADM's sample file with ``arr_0`` (uint8, ``shape``) written from ``chunks``, its consecutive rows, one
+    at a time (memory holds one chunk however large the file), atomically; ``np.load`` reads it as it reads
+    :func:`save_npz`'s. ValueError when the chunks do not make up ``shape``."""
+    import zipfile
+
+    def write(tmp: Path):
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as f:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": tuple(shape)}  # fmt: skip
+                np.lib.format.write_array_header_1_0(f, header)
+                rows = 0
+                for chunk in chunks:
+                    if chunk.dtype != np.uint8 or chunk.shape[1:] != tuple(shape[1:]):
+                        raise ValueError(f"a chunk of {chunk.dtype} {chunk.shape} does not fit uint8 {tuple(shape)}")
+                    f.write(np.ascontiguousarray(chunk).tobytes())
+                    rows += len(chunk)
+                if rows != shape[0]:
+                    raise ValueError(f"the chunks hold {rows} rows, not {shape[0]}")
+            if labels is not None:
+                with archive.open("arr_1.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asarray(labels))
+
+    atomic_write(path, write)
+
+
 def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None) -> None:
     """ADM's sample file: ``arr_0`` uint8 NHWC images, ``arr_1`` labels (class-conditional runs)."""
     arrays = [images] + ([labels] if labels is not None else [])

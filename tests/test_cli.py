@@ -503,3 +503,19 @@ def test_the_grid_shows_the_first_columns_of_each_class_at_most():
     assert grid.shape == (2 * 5 + 1, 5 * 5 + 1, 1)
     assert np.array_equal(grid[1:5, 1 + 4 * 5 : 5 + 4 * 5], images[4])  # class 0's fifth sample, no sixth
     assert np.array_equal(grid[6:10, 1 + 2 * 5 : 5 + 2 * 5], images[9])
+
+
+def test_an_npz_written_in_chunks_is_the_one_np_savez_writes(tmp_path):
+    from fastguide.generate import save_npz, save_npz_chunks
+
+    images = np.random.default_rng(0).integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
+    labels = np.arange(7, dtype=np.int64)
+    save_npz_chunks(tmp_path / "c.npz", images.shape, iter([images[:3], images[3:5], images[5:]]), labels)
+    save_npz(tmp_path / "s.npz", images, labels)
+    with np.load(tmp_path / "c.npz") as c, np.load(tmp_path / "s.npz") as s:
+        assert sorted(c.files) == sorted(s.files) == ["arr_0", "arr_1"]
+        for name in c.files:
+            assert c[name].dtype == s[name].dtype and np.array_equal(c[name], s[name])
+    with pytest.raises(ValueError, match="the chunks hold 3 rows, not 7"):
+        save_npz_chunks(tmp_path / "d.npz", images.shape, iter([images[:3]]), labels)
+    assert not (tmp_path / "d.npz").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "s.npz"]
