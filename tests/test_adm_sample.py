@@ -226,13 +226,18 @@ def test_a_foreign_checkpoint_writes_nothing(tmp_path, checkpoints, capsys):
     assert not out.exists()
 
 
+def _killed_after(args, out, batches: int) -> None:
+    """adm-sample ARGS into OUT, SIGKILLed after it has written BATCHES shards."""
+    run = subprocess.run([sys.executable, "-m", "fastguide", "adm-sample", *args, "--out", str(out)], capture_output=True,
+                         text=True, env=_env(FASTGUIDE_KILL_AFTER_BATCHES=f"{batches}:0"), timeout=600)  # fmt: skip
+    assert run.returncode != 0
+
+
 @pytest.mark.parametrize("damage", ["cut", "flip", "empty"])
 def test_a_damaged_shard_is_sampled_again_on_resume(tmp_path, checkpoints, damage):
     out = tmp_path / "out"
     args = [*FLAGS, *checkpoints, *RUN]
-    run = subprocess.run([sys.executable, "-m", "fastguide", "adm-sample", *args, "--out", str(out)],
-                         capture_output=True, text=True, env=_env(FASTGUIDE_KILL_AFTER_BATCHES="2:0"), timeout=600)  # fmt: skip
-    assert run.returncode != 0
+    _killed_after(args, out, batches=2)
     shard = out / ".adm-sample-shards" / "batch_000000.npz"
     data = bytearray(shard.read_bytes())
     if damage == "cut":
@@ -257,9 +262,7 @@ def test_one_writer_per_folder_and_a_killed_runs_temporaries_go_with_the_next_ru
 
     out = tmp_path / "out"
     args = [*FLAGS, *checkpoints, *RUN]
-    run = subprocess.run([sys.executable, "-m", "fastguide", "adm-sample", *args, "--out", str(out)],
-                         capture_output=True, text=True, env=_env(FASTGUIDE_KILL_AFTER_BATCHES="1:0"), timeout=600)  # fmt: skip
-    assert run.returncode != 0
+    _killed_after(args, out, batches=1)
     litter = [out / ".samples_5x64x64x3.0123456789ab.npz", out / ".adm-sample.abcdef012345.json",
               out / ".adm-sample-shards" / ".batch_000001.0123456789ab.npz"]  # what a kill -9 mid-write leaves
     for path in litter:
