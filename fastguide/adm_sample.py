@@ -169,7 +169,7 @@ def _read_shard(folder: Path, b: int, size: int) -> tuple[np.ndarray, np.ndarray
 
 def run_adm_sample(args) -> None:
     from .adm.checkpoint import load_checkpoint
-    from .files import check_output_folder, folder_lock, nearest_existing
+    from .files import check_disk_space, check_output_folder, folder_lock
     from .generate import save_npz
     from .images import to_uint8
     from .sampler import GuidedSampler, SamplerConfig
@@ -180,11 +180,8 @@ def run_adm_sample(args) -> None:
                            compile=args.compile, precision=args.precision)  # fmt: skip
     out = check_output_folder(args.out)
     m = flags.model
-    need = 2 * flags.sample.num_samples * m.in_channels * m.image_size**2  # the shards, then the .npz
-    free = shutil.disk_usage(nearest_existing(out)).free
-    if need > free:
-        raise ValueError(f"--num_samples {flags.sample.num_samples} needs about {need / 1e9:.1f} GB on disk at "
-                         f"{str(out)!r} (the shards, then the .npz), and {free / 1e9:.1f} GB are free")  # fmt: skip
+    check_disk_space(out, 2 * flags.sample.num_samples * m.in_channels * m.image_size**2,
+                     f"--num_samples {flags.sample.num_samples}", "the shards, then the .npz")  # fmt: skip
     dist = init_distributed(args.device)
     say = (lambda *a: None) if args.quiet else (lambda text: print(f"adm-sample rank {dist.rank}: {text}", flush=True))
     lock = contextlib.ExitStack()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 
-from .files import atomic_write, check_output_folder, folder_lock, make_temp_dir, nearest_existing, try_lock
+from .files import atomic_write, check_disk_space, check_output_folder, folder_lock, make_temp_dir, try_lock
 from .generate import add_guidance_schedule_arguments, sampler_options
 from .guidance import POLICIES
 from .sampler import METHODS
@@ -155,18 +155,8 @@ def _sample_plan(args) -> dict:
 def _check_disk_space(args, n: int, pixels: int, steps: int) -> None:
     """ValueError when ``n`` samples cannot be written where --out is: ``sample`` streams its images and
     traces (3 float32 per step and sample) to disk as it goes, then writes the .npz."""
-    need = n * (2 * pixels + 3 * 4 * steps)
-    free = shutil.disk_usage(nearest_existing(args.out)).free
-    if need > free:
-        raise ValueError(f"--count {args.count} ({n} samples) needs about {_size(need)} on disk at {args.out!r} "
-                         f"(images and traces while sampling, then the .npz), and {_size(free)} are free")  # fmt: skip
-
-
-def _size(nbytes: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if nbytes < 1000 or unit == "TB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
+    check_disk_space(args.out, n * (2 * pixels + 3 * 4 * steps), f"--count {args.count} ({n} samples)",
+                     "images and traces while sampling, then the .npz")  # fmt: skip
 
 
 STAGING = ".fastguide-staging-"  # a `fastguide sample` run's folder of new files, inside --out

@@ -9,6 +9,7 @@ import io
 import os
 import re
 import secrets
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -110,13 +111,14 @@ def nearest_existing(path: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------------------------------- one writer
 
 
-def try_lock(folder: str | os.PathLike) -> int | None:
+def try_lock(folder: str | os.PathLike, wait: bool = False) -> int | None:
     """An open descriptor of ``folder`` holding an exclusive ``flock`` on it, or None when another open
-    descriptor (another process, or this one) holds it. The kernel drops the lock when the descriptor is
-    closed or the process ends, however it ends: a killed run leaves no stale lock and no lock file."""
+    descriptor (another process, or this one) holds it and ``wait`` is false (with ``wait``, block until the
+    holder lets go). The kernel drops the lock when the descriptor is closed or the process ends, however it
+    ends: a killed run leaves no stale lock and no lock file."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
@@ -136,22 +138,31 @@ def folder_lock(folder: str | os.PathLike, what: str, wait: bool = False) -> Ite
     Raises:
         ValueError: another process holds it and ``wait`` is false.
     """
-    if wait:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(fd)
-            raise
-    else:
-        fd = try_lock(folder)
-        if fd is None:
-            raise ValueError(f"{str(folder)!r} is in use: another {what} is writing there (one writer per folder); "
-                             "wait for it to finish or use another output folder")  # fmt: skip
+    fd = try_lock(folder, wait)
+    if fd is None:
+        raise ValueError(f"{str(folder)!r} is in use: another {what} is writing there (one writer per folder); "
+                         "wait for it to finish or use another output folder")  # fmt: skip
     try:
         yield
     finally:
         os.close(fd)
+
+
+def size_text(nbytes: float) -> str:
+    """``nbytes`` for a message: "512 B", "3.2 MB", "1.5 GB"."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+
+
+def check_disk_space(out: str | os.PathLike, need: int, what: str, why: str) -> None:
+    """ValueError, before any work, when the file system that will hold ``out`` has less than ``need`` bytes
+    free: "{what} needs about {need} on disk at {out} ({why}), and {free} are free"."""
+    free = shutil.disk_usage(nearest_existing(out)).free
+    if need > free:
+        raise ValueError(f"{what} needs about {size_text(need)} on disk at {str(out)!r} ({why}), "
+                         f"and {size_text(free)} are free")  # fmt: skip
 
 
 def temporary_name(name: str) -> re.Pattern:

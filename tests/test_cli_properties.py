@@ -100,7 +100,7 @@ BAD = {
         (["--num_heads", "0", "--num_head_channels", "-1"], "num_heads"), (["--classifier_scale", "nan"], "nan"),
         (["--timestep_respacing", "ddimx"], "ddimx"), (["--model_path", "MISSING"], "missing.npz"),
         (["--model_path", "FOLDER"], "is a folder"), (["--seed", str(2**63)], str(2**63)), (["--use_ddim", "maybe"], "maybe"),
-        (["--image_size", "48"], "48"), (["--num_samples", str(10**14)], "GB on disk"),
+        (["--image_size", "48"], "48"), (["--num_samples", str(10**14)], "TB on disk"),
     ],
     "train-classifier": [
         (["--batch_size", "0"], "batch_size"), (["--lr", "-1"], "lr"), (["--lr", "nan"], "lr"),
