@@ -8,7 +8,8 @@ v-prediction UNet, as the embedded cadm is, is sampled through the same eps view
 * ``adm-style``: an eager loop written here in ADM's style (host-side timestep tables, a cond_fn with
   ``autograd.grad``, the update as separate torch ops), on fastguide's networks;
 * ``eager``: ``GuidedSampler`` with compile off, float32;
-* ``fast``: ``GuidedSampler`` with the whole step compiled (CUDA graphs and bf16 on CUDA), and
+* ``fast``: ``GuidedSampler`` with the whole step compiled (CUDA graphs on CUDA) and the precision
+  ``"auto"`` picks (bf16 on CUDA and on a CPU with native bf16, float32 on other CPUs), and
   ``fast-fp32`` / ``fast-bf16`` to separate compilation from precision.
 
 Used by ``test_bench_e2e.py`` (pytest-benchmark rows and the speed goals) and by
@@ -225,13 +226,15 @@ def contenders(case: Case, method: str, respacing: str, device: torch.device, wh
         "adm": lambda: adm_loop(case, method, respacing, unet, clf, fp16=cuda),
         "adm-style": lambda: adm_style_loop(case, method, respacing, unet, clf),
         "eager": lambda: fastguide_loop(case, method, respacing, unet, clf, compile=False, precision="float32"),
-        "fast": lambda: fastguide_loop(case, method, respacing, unet, clf, compile=True, cuda_graphs=None if cuda
-                                       else False, precision="auto" if cuda else "bfloat16"),  # fmt: skip
+        # compiled, with the precision "auto" picks: bfloat16 on CUDA and on a CPU with native bf16 (on other
+        # CPUs bf16 is emulated and slower than float32: fastguide.cpu.bf16_kind)
+        "fast": lambda: fastguide_loop(case, method, respacing, unet, clf, compile=True,
+                                       cuda_graphs=None if cuda else False, precision="auto"),  # fmt: skip
         "fast-fp32": lambda: fastguide_loop(case, method, respacing, unet, clf, compile=True, precision="float32"),
         "fast-bf16": lambda: fastguide_loop(case, method, respacing, unet, clf, compile=False, precision="bfloat16"),
         # ADM's script with accelerate(diffusion): its own cond_fn and model_fn, fastguide's compiled loop
         "adm-accelerated": lambda: adm_loop(case, method, respacing, unet, clf, fp16=cuda, accelerate=fg.SamplerConfig(
-            compile=True, precision="auto" if cuda else "bfloat16")),
+            compile=True, precision="auto")),
     }
     runs = {name: make[name]() for name in which}
     return {name: run for name, run in runs.items() if run is not None}

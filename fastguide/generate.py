@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cpu import flush_denormals
+from .cpu import bf16_kind
 from .files import atomic_write
 from .guidance import POLICIES, ConstantRange, GradientNorm, GuidancePolicy, NoGuidance, classifier_gradient
 from .images import to_uint8
@@ -35,10 +35,21 @@ def add_fast_path_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the whole guided step with torch.compile (default: on CUDA only; on the CPU the "
                    "minute of compiling pays only for long runs)")  # fmt: skip
-    p.add_argument("--precision", "--dtype", dest="precision", default="auto",
+    p.add_argument("--precision", "--dtype", dest="precision", default="auto", type=_precision,
                    choices=["auto", "float32", "bfloat16", "float16"],
-                   help="the networks' precision, the rest stays float32 (default: auto = bfloat16 on CUDA, "
-                   "float32 on the CPU)")  # fmt: skip
+                   help="the networks' precision, the rest stays float32 (default: auto = bfloat16 on CUDA and on a "
+                   "CPU with native bf16 (AMX-BF16, AVX512-BF16), float32 on other CPUs; FASTGUIDE_CPU_BF16=none "
+                   "keeps float32)")  # fmt: skip
+
+
+def _precision(value: str) -> str:
+    """--precision as given; "auto" (the default) also reads FASTGUIDE_CPU_BF16, refused here if bad."""
+    if value == "auto":
+        try:
+            bf16_kind()
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return value
 
 
 def add_guidance_schedule_arguments(p: argparse.ArgumentParser) -> None:
@@ -164,7 +175,7 @@ class Generated:
 def make_sampler(nets: Networks, policy: GuidancePolicy, method: str = "ddim", respacing: str | None = None,
                  eta: float = 0.0, compile: bool | None = None, precision: str = "auto", **options) -> GuidedSampler:  # fmt: skip
     """A sampler of ``nets`` (see :class:`SamplerConfig` for ``compile``, ``precision`` and the ``options``;
-    None / "auto": the fast path on CUDA, eager float32 on the CPU)."""
+    None / "auto": the fast path on CUDA; on the CPU eager, bf16 networks where the CPU has native bf16)."""
     respacing = DEFAULT_RESPACING[method] if respacing is None and method in DEFAULT_RESPACING else respacing
     schedule: Schedule = nets.flags.schedule(respacing)
     config = SamplerConfig(method=method, eta=eta, compile=compile, precision=precision, **options)
@@ -227,8 +238,7 @@ def generate(
 
                 kept.setdefault(0, []).append(PerSampleNoise(sd[:first], sampler.image_shape, device).initial())
             try:
-                with flush_denormals(device.type == "cpu"):
-                    result = sampler.sample(lab, seeds=sd, device=device, callback=on_step)
+                result = sampler.sample(lab, seeds=sd, device=device, callback=on_step)  # flushes denormals
             except FloatingPointError as err:  # name the sample by its place in the whole run
                 raise FloatingPointError(f"{err} (sample numbers count from sample {start} of this run)") from None
             if sink is not None:  # on disk, the batch's trace kept only for the gradient maps

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .cpu import flush_denormals, native_bf16
 from .diffusion import DDIM_GUIDANCE, VARIANCES, StepOutput
 from .guidance import EntropyDriven, GuidancePolicy, NoGuidance
 from .noise import FixedNoise, GlobalNoise, PerSampleNoise
@@ -62,13 +63,15 @@ class SamplerConfig:
     progress: bool = False  # show a progress bar
     compile: bool | None = None  # the whole step in one torch.compile region; None: on CUDA, off on CPU
     cuda_graphs: bool | None = None  # replay the compiled step as a CUDA graph; None: with compile on CUDA
-    precision: str = "auto"  # the networks' precision: auto (bfloat16 on CUDA), float32, bfloat16, float16
+    precision: str = "auto"  # the networks' precision: auto, float32, bfloat16, float16 (auto: bfloat16 on
+    # CUDA and on a CPU with native bf16, AMX-BF16 or AVX512-BF16 (fastguide.cpu.bf16_kind), float32 elsewhere)
     channels_last: bool | None = None  # channels-last images for the networks; None: on CUDA, off on CPU
+    flush_denormals: bool = True  # on the CPU, each step treats denormal floats as zero (restored between steps)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
-        for name in ("clip_denoised", "check_finite", "progress"):  # a string such as "no" or "False" is truthy
+        for name in ("clip_denoised", "check_finite", "progress", "flush_denormals"):  # a string such as "no" or "False" is truthy
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
             object.__setattr__(self, name, bool(getattr(self, name)))
@@ -125,14 +128,17 @@ class SamplerConfig:
 
     def fast_path(self, device: torch.device) -> FastPath:
         """The compile, CUDA-graph, precision and memory-format choices on ``device``, automatic ones resolved:
-        on CUDA everything on and bfloat16 networks; on CPU plain eager float32, which the benchmarks show
-        is the fastest once compile time is counted (benchmarks/RESULTS.md)."""
+        on CUDA everything on and bfloat16 networks; on the CPU eager (compile time is not repaid by a short
+        run, benchmarks/RESULTS.md), with bfloat16 networks where the CPU computes bf16 natively and float32
+        elsewhere, where bf16 is emulated and slower (:func:`fastguide.cpu.bf16_kind`)."""
         cuda = device.type == "cuda"
         compile_ = cuda if self.compile is None else self.compile
         graphs = (cuda and compile_) if self.cuda_graphs is None else self.cuda_graphs
         if graphs and not cuda:
             raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}")
-        precision = ("bfloat16" if cuda else "float32") if self.precision == "auto" else self.precision
+        precision = self.precision
+        if precision == "auto":
+            precision = "bfloat16" if cuda or (device.type == "cpu" and native_bf16()) else "float32"
         channels_last = cuda if self.channels_last is None else self.channels_last
         return FastPath(compile_, graphs, PRECISIONS[precision], channels_last)
 
@@ -499,8 +505,9 @@ class GuidedSampler:
             x = source.initial().to(device)
             runner = self._runner(x)
             carry = Carry.zeros(x)
-        for k in range(n):
-            with torch.inference_mode(False):
+        flush = self.config.flush_denormals and device.type == "cpu"
+        for k in range(n):  # the caller's code between steps runs in its own float mode
+            with torch.inference_mode(False), flush_denormals(flush):
                 index = runner.index(n - 1 - k, len(y))
                 z = source.step(k).to(device) if needs_noise else None
                 # the labels are checked against the classifier's logits at its first call (eagerly)

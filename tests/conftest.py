@@ -2,6 +2,10 @@
 
 The interpreter is read when Triton is first imported, so this is set before any test module loads.
 Automatic dispatch never picks the interpreter; tests that want it force FASTGUIDE_BACKEND=triton.
+
+``precision="auto"`` picks bfloat16 on a CPU with native bf16 (fastguide.cpu.bf16_kind): the tests pin the
+CPU kind to "none" (float32), so that their numbers do not depend on the CPU they run on (subprocesses
+inherit it); the tests of the automatic choice set the kind they test.
 """
 
 import os
@@ -11,6 +15,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["FASTGUIDE_CPU_BF16"] = "none"
 
 
 def pytest_terminal_summary(terminalreporter):
