@@ -86,6 +86,7 @@ def phases(case: e2e.Case, batch: int, precision: str) -> list[tuple[str, float,
     x = torch.randn(batch, c, size, size, generator=g)
     t = torch.full((batch,), 500)
     y = torch.arange(batch) % case.classifier.num_classes
+
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
@@ -117,7 +118,8 @@ def phases(case: e2e.Case, batch: int, precision: str) -> list[tuple[str, float,
 
 
 def whole_steps(case_name: str, batch: int, compiled: bool) -> dict[str, float]:
-    """Seconds per step of DDIM-25 loops timed side by side: ADM's, GuidedSampler eager fp32/bf16, compiled bf16."""
+    """Seconds per step of DDIM-25 loops timed side by side: ADM's, GuidedSampler eager fp32/bf16 and compiled
+    (with the precision "auto" picks)."""
     case = e2e.cases()[case_name]
     cpu = torch.device("cpu")
     unet, clf = e2e.networks(case, cpu)
@@ -156,14 +158,15 @@ def main() -> None:
         for batch in (int(b) for b in args.batches.split(",")):
             print(f"\n#### {case_name}, batch {batch}\n")
             print("| phase | precision | ms | GFLOP | GFLOP/s | % of conv peak |\n| --- | --- | ---: | ---: | ---: | ---: |")
-            phase_s = {}
+            phase_s, phase_flops = {}, {}
             for precision in ("fp32", "bf16"):
                 rows = phases(case, batch, precision)
                 phase_s[precision] = sum(s for _, s, _ in rows)
+                phase_flops[precision] = sum(n for _, _, n in rows)  # the step's: UNet, classifier fwd and bwd
                 for name, s, n in rows:
                     rate = n / s / 1e9 if s > 0 else float("nan")
                     print(f"| {name} | {precision} | {s * 1e3:.2f} | {n / 1e9:.3f} | {rate:.0f} | {100 * rate / conv_peak:.0f}% |")
-            total = sum(n for _, _, n in phases(case, batch, "fp32"))
+            total = phase_flops["fp32"]
             steps = whole_steps(case_name, batch, args.compiled)
             print("\n| whole step | ms | × ADM | GFLOP/s | % of conv peak | rest (update, copies, casts) ms |\n"
                   "| --- | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip

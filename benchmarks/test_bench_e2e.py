@@ -9,8 +9,9 @@ scaled-down ADM-64, on a CPU with native bf16 (AMX-BF16 or AVX512-BF16, fastguid
 path runs bf16 networks there); on a CPU without, where it runs float32, ≥ 0.9×: there ADM's float32 loop
 already runs at about half of the measured convolution peak (benchmarks/profile_cpu.py, RESULTS.md: 54% on a
 2-vCPU AMD EPYC with AVX2 only, where compiled float32 was 1.02× ADM's loop), so the goal is parity within
-the spread of side-by-side runs on 2 vCPUs. The kind detected is printed and recorded in extra_info. On an H100/H200: ADM-256 at batch 16 ≥ 3× ADM's fp16 loop and ≥ 60% of the bf16
-FLOP floor, ADM-64 ≥ 5×, batch-1 latency ≥ 4× (these run where CUDA is available).
+the spread of side-by-side runs on 2 vCPUs. The kind detected is printed and recorded in extra_info.
+On an H100/H200: ADM-256 at batch 16 ≥ 3× ADM's fp16 loop and ≥ 60% of the bf16 FLOP floor, ADM-64 ≥ 5×,
+batch-1 latency ≥ 4× (these run where CUDA is available).
 
 On CPU the float32 contenders (ADM's loop, the ADM-style loop, the eager sampler) must also agree on the
 images, which checks that all of them sample the same function. Quick mode (benchmarks/conftest.py): batch 2,

@@ -71,7 +71,8 @@ class SamplerConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
-        for name in ("clip_denoised", "check_finite", "progress", "flush_denormals"):  # a string such as "no" or "False" is truthy
+        # a string such as "no" or "False" is truthy
+        for name in ("clip_denoised", "check_finite", "progress", "flush_denormals"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
             object.__setattr__(self, name, bool(getattr(self, name)))
