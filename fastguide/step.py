@@ -104,6 +104,10 @@ def _networks(spec: StepSpec, x: torch.Tensor):
 # classifiers with an autograd.Function of their own that differentiates the parameters it is handed
 # (ADM's original gradient checkpoint), found at their first pass (classifier_pass)
 _DIFFERENTIATES_PARAMETERS: weakref.WeakSet = weakref.WeakSet()
+# classifiers whose backward needs the forward's autocast (an autograd.Function that recomputes its block in
+# the backward without restoring it, as ADM's checkpoints do: bf16 activations meet float32 weights there),
+# found at their first pass under autocast; their backward runs under the same autocast as their forward
+_RECOMPUTES_UNDER_AUTOCAST: weakref.WeakSet = weakref.WeakSet()
 
 
 def _input_gradient_call(net, *args):
@@ -133,13 +137,21 @@ def differentiates_parameters(net) -> bool:
     return isinstance(net, nn.Module) and net in _DIFFERENTIATES_PARAMETERS
 
 
-def _differentiates_parameters(net, err: RuntimeError) -> bool:
-    """Whether ``err``, raised by the classifier's backward, says that the network differentiates the detached
-    stand-ins of its parameters; if so the network is remembered, to get stand-ins that require grad."""
-    if not isinstance(net, nn.Module) or net in _DIFFERENTIATES_PARAMETERS or "does not require grad" not in str(err):
+def _learned_from(spec: StepSpec, err: RuntimeError) -> bool:
+    """Whether ``err``, raised by the classifier's backward, teaches how to run this classifier (it is remembered and
+    the pass is run again): a network that differentiates the detached stand-ins of its parameters gets
+    stand-ins that require grad; a network whose backward fails under autocast gets its backward under the
+    forward's autocast (a checkpoint that recomputes its block there). Anything else is not learned."""
+    net = spec.classifier
+    if not isinstance(net, nn.Module):
         return False
-    _DIFFERENTIATES_PARAMETERS.add(net)
-    return True
+    if "does not require grad" in str(err) and net not in _DIFFERENTIATES_PARAMETERS:
+        _DIFFERENTIATES_PARAMETERS.add(net)
+        return True
+    if spec.autocast is not None and net not in _RECOMPUTES_UNDER_AUTOCAST:
+        _RECOMPUTES_UNDER_AUTOCAST.add(net)
+        return True
+    return False
 
 
 def nonfinite_code(value: torch.Tensor) -> torch.Tensor:
@@ -187,12 +199,13 @@ def classifier_pass(spec: StepSpec, x: torch.Tensor, t: torch.Tensor, y: torch.T
     cond_fn). For EDS the fused op also gives the scale γ·log K / max(H, floor)."""
     eds = spec.policy if isinstance(spec.policy, EntropyDriven) else None
     args = (1.0, 1e-6, 0.0) if eds is None else (eds.gamma, eds.entropy_floor, eds.max_scale or 0.0)
-    try:
-        logits, fused, grad = _classifier_pass(spec, x, t, y, max_label, args)
-    except RuntimeError as err:
-        if not _differentiates_parameters(spec.classifier, err):
-            raise
-        logits, fused, grad = _classifier_pass(spec, x, t, y, max_label, args)  # with stand-ins that require grad
+    while True:
+        try:
+            logits, fused, grad = _classifier_pass(spec, x, t, y, max_label, args)
+            break
+        except _BackwardFailed as failed:  # run again with what it taught (each lesson once), or raised
+            if not _learned_from(spec, failed.args[0]):
+                raise failed.args[0] from None
     return logits.detach(), fused, grad.float()
 
 
@@ -209,8 +222,20 @@ def _classifier_pass(spec: StepSpec, x, t, y, max_label, args):
         if max_label is not None:  # the labels' range is checked in Python (no sync): eagerly, before compiling
             check_labels(max_label, logits.shape[1])
         fused = spec.entropy_op(logits.detach().float(), y, *args)
-        (grad,) = torch.autograd.grad(logits, x_in, grad_outputs=fused.dlogits.to(logits.dtype))
+        # the backward outside autocast (its formulas in the dtypes autograd saved), but where a network
+        # recomputes blocks in its backward, under the forward's autocast (torch.utils.checkpoint's rule)
+        # (the compiled step traces neither: such a checkpoint cannot be traced, and the WeakSet stays out)
+        recomputes = not torch.compiler.is_compiling() and spec.classifier in _RECOMPUTES_UNDER_AUTOCAST
+        try:
+            with ctx if recomputes else contextlib.nullcontext():
+                (grad,) = torch.autograd.grad(logits, x_in, grad_outputs=fused.dlogits.to(logits.dtype))
+        except RuntimeError as err:
+            raise _BackwardFailed(err) from err
     return logits, fused, grad
+
+
+class _BackwardFailed(Exception):
+    """The classifier's backward raised ``args[0]`` (classifier_pass learns from it or raises it)."""
 
 
 def guidance_pass(

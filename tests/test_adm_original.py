@@ -133,6 +133,53 @@ def test_accelerate_with_a_fastguide_policy_on_the_originals_networks_is_adms_lo
     assert all(p.grad is None for p in classifier.parameters())
 
 
+def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+@needs_sdk
+@pytest.mark.parametrize("variant", ["attention", "use_checkpoint"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_bf16_networks_with_the_originals_checkpointing(variant, frozen):
+    """precision="bfloat16" (what "auto" picks on CUDA and on a CPU with native bf16) on networks that
+    checkpoint as the original's do: the checkpoint recomputes its block in the backward, where autocast
+    is not on by itself (bf16 activations met float32 weights: "Input type (c10::BFloat16) and bias type
+    (float) should be the same"), so the pass runs that backward under the forward's autocast. The samples
+    are those of the sdk's checkpointing (which keeps the activations) within the bf16 networks' own error,
+    measured as their distance from the float32 networks' samples; no weight gradient, no .grad."""
+    model, diffusion, classifier = _adm(**VARIANTS[variant])
+    classifier.requires_grad_(not frozen)
+    cond_fn = fg.adm.eds_cond_fn(classifier, 2.0, diffusion)
+    fp32 = _ddim(fg.adm.accelerate(diffusion, fg.SamplerConfig(precision="float32")), model, cond_fn)
+    bf16 = fg.adm.accelerate(diffusion, fg.SamplerConfig(precision="bfloat16"))
+    want = _ddim(bf16, model, cond_fn)
+    with original_checkpointing(), WeightGradients() as counted:
+        got = _ddim(fg.adm.accelerate(diffusion, fg.SamplerConfig(precision="bfloat16")), model, cond_fn)
+    assert torch.isfinite(got).all()
+    assert 0 < _gap(want, fp32) and _gap(got, want) <= 2 * _gap(want, fp32)
+    assert counted.input > 0 and counted.weight == 0
+    assert all(p.grad is None for p in classifier.parameters())
+
+
+def test_bf16_guided_sampler_on_fastguides_networks_with_the_originals_checkpointing():
+    """GuidedSampler with bf16 networks that checkpoint as the original's: it runs (the backward under the
+    forward's autocast), within the bf16 error of the same networks without the double; without the double
+    the backward stays outside autocast (bit for bit what it was)."""
+    unet, clf = _fastguide_nets()
+    schedule = fg.Schedule.create("linear", 1000, "ddim5")
+
+    def sample(precision):
+        sampler = fg.GuidedSampler(unet, clf, schedule, fg.EntropyDriven(2.0), fg.SamplerConfig(precision=precision))
+        return sampler.sample([1, 2, 3], seeds=[0, 1, 2]).images
+
+    fp32, want = sample("float32"), sample("bfloat16")
+    with original_checkpointing():
+        got = sample("bfloat16")
+    assert torch.isfinite(got).all()
+    assert 0 < _gap(want, fp32) and _gap(got, want) <= 2 * _gap(want, fp32)
+    assert all(p.grad is None for p in clf.parameters())
+
+
 @pytest.fixture
 def aot_eager(monkeypatch):
     monkeypatch.setenv("FASTGUIDE_COMPILE_BACKEND", "aot_eager")  # the same trace as inductor, no codegen
