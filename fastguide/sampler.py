@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .compile_cache import cacheable_autocast, use_user_cache
 from .cpu import flush_denormals, native_bf16
 from .diffusion import DDIM_GUIDANCE, VARIANCES, StepOutput
 from .guidance import EntropyDriven, GuidancePolicy, NoGuidance
@@ -586,6 +587,7 @@ class _Runner:
             # FASTGUIDE_COMPILE_BACKEND=aot_eager traces exactly as inductor does, without its code generation
             backend = os.environ.get("FASTGUIDE_COMPILE_BACKEND", "inductor")
             step = _own_code(_step_of(self.spec, self.tables, guidance))
+            use_user_cache()  # the next process finds this compilation (fastguide.compile_cache)
             self.compiled[guidance] = torch.compile(step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
         return self.compiled[guidance]
 
@@ -613,7 +615,9 @@ class _Runner:
             self.eager(x, index, y, noise, max_label, carry, guidance, model_kwargs)
             self.validated = True
         try:
-            with torch._dynamo.config.patch(trace_autograd_ops=True), _cudagraph_skips() as skips:
+            first = guidance not in self.compiled  # compiled by this call: where its caches are found (below)
+            with torch._dynamo.config.patch(trace_autograd_ops=True), _cudagraph_skips() as skips, (
+                    cacheable_autocast() if first else contextlib.nullcontext()):  # fmt: skip
                 out = self._compiled(guidance)(x, index, y, noise, carry, model_kwargs)  # autograd.grad inside
         except _COMPILE_REFUSALS as err:
             reason = " ".join(str(err).split())[:300]
