@@ -58,7 +58,8 @@ def lever(config_patch=None, freeze=False, **cfg):
 
     def wrapped(x_T, y):
         FREEZE["on"] = freeze  # read when the runner is made, at the first run
-        patch = torch._inductor.config.patch(**config_patch) if config_patch and state["first"] else contextlib.nullcontext()
+        first = config_patch and state["first"]
+        patch = torch._inductor.config.patch(**config_patch) if first else contextlib.nullcontext()
         try:
             with patch:
                 return run(x_T, y)
@@ -88,5 +89,6 @@ print(f"### {case_name} batch {batch} {respacing} ({fg.cpu.bf16_kind()}, {torch.
 print("| contender | ms/step | x ADM | first run s | max |Δ| vs fast |")
 for n, t in timings.items():
     d = (t.output - ref).abs().max().item() if ref is not None else float("nan")
-    print(f"| {n} | {t.ms_per_step:.1f} | {base / t.median_s if base else float('nan'):.2f} | {t.first_s:.1f} | {d:.2e} |")
+    speedup = base / t.median_s if base else float("nan")
+    print(f"| {n} | {t.ms_per_step:.1f} | {speedup:.2f} | {t.first_s:.1f} | {d:.2e} |")
 print(f"total {time.time()-t0:.0f} s")

@@ -24,8 +24,8 @@ WARM_GOAL_S = 10.0  # issue 26's goal, recorded
 WARM_SHARE_GOAL = 0.2  # asserted: warm start / cold start, side by side
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's start (on CUDA the e2e benchmark reports compile time)")
-def test_second_process_samples_within_ten_seconds(tagged_benchmark, quick):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's start (on CUDA e2e reports compile time)")
+def test_warm_start_against_a_cold_one(tagged_benchmark, quick):
     case, batch, respacing = ("adm64-tiny", 2, "ddim5") if quick else ("embedded", 16, "ddim25")
     rows = tagged_benchmark.pedantic(warm_start.starts, args=(case, batch, respacing), rounds=1, iterations=1)
     cold, warm = rows
