@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
+import torch
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from fastguide import compile_cache
@@ -44,10 +46,6 @@ def test_an_unusable_cache_folder_leaves_torchs_default(monkeypatch, tmp_path):
 
 
 def _compile_autocast_graph(cacheable: bool) -> dict:
-    import contextlib
-
-    import torch
-
     lin = torch.nn.Linear(8, 8).requires_grad_(False)
 
     def f(x):
