@@ -1,6 +1,7 @@
 """Where the guided step's time goes on the CPU, phase by phase, against this machine's measured peaks.
 
-    python benchmarks/profile_cpu.py [--cases embedded,adm64-small] [--batches 1,16] [--no-compiled]
+    python benchmarks/profile_cpu.py [--cases embedded,adm64-small] [--batches 1,16] [--respacing ddim25]
+                                      [--no-compiled]
 
 Prints a Markdown block for benchmarks/RESULTS.md (issue 26, point 1):
 
@@ -117,27 +118,30 @@ def phases(case: e2e.Case, batch: int, precision: str) -> list[tuple[str, float,
     return rows
 
 
-def whole_steps(case_name: str, batch: int, compiled: bool) -> dict[str, float]:
-    """Seconds per step of DDIM-25 loops timed side by side: ADM's, GuidedSampler eager fp32/bf16 and compiled
-    (with the precision "auto" picks)."""
+def whole_steps(case_name: str, batch: int, compiled: bool, respacing: str = "ddim25") -> dict[str, tuple]:
+    """(seconds per step, first call's extra seconds) of DDIM loops (``respacing``) timed side by side: ADM's,
+    GuidedSampler eager fp32/bf16 and compiled (with the precision "auto" picks; its first call compiles)."""
     case = e2e.cases()[case_name]
     cpu = torch.device("cpu")
     unet, clf = e2e.networks(case, cpu)
-    runs = e2e.contenders(case, "ddim", "ddim25", cpu, ("adm",))
-    runs["eager fp32"] = e2e.fastguide_loop(case, "ddim", "ddim25", unet, clf, compile=False)
-    runs["eager bf16"] = e2e.fastguide_loop(case, "ddim", "ddim25", unet, clf, compile=False, precision="bfloat16")
+    runs = e2e.contenders(case, "ddim", respacing, cpu, ("adm",))
+    runs["eager fp32"] = e2e.fastguide_loop(case, "ddim", respacing, unet, clf, compile=False)
+    runs["eager bf16"] = e2e.fastguide_loop(case, "ddim", respacing, unet, clf, compile=False, precision="bfloat16")
     if compiled:  # with the precision "auto" picks on this CPU
         auto = "bf16" if fg.cpu.native_bf16() else "fp32"
-        runs[f"compiled {auto}"] = e2e.fastguide_loop(case, "ddim", "ddim25", unet, clf, compile=True, precision="auto")
-    _, x_T, y, steps = e2e.setup(case_name, batch, "ddim", "ddim25", "cpu", ())
+        runs[f"compiled {auto}"] = e2e.fastguide_loop(case, "ddim", respacing, unet, clf, compile=True,
+                                                       precision="auto")
+    _, x_T, y, steps = e2e.setup(case_name, batch, "ddim", respacing, "cpu", ())
     timings = e2e.time_side_by_side(runs, x_T, y, steps, rounds=2)
-    return {name: statistics.median(tm.runs_s) / steps for name, tm in timings.items()}
+    return {name: (statistics.median(tm.runs_s) / steps, tm.compile_s) for name, tm in timings.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="embedded,adm64-small")
     p.add_argument("--batches", default="1,16")
+    p.add_argument("--respacing", default="ddim25",
+                   help="the DDIM loops of the whole-step rows (a step costs the same in a shorter loop)")
     p.add_argument("--no-compiled", dest="compiled", action="store_false", help="leave out the compiled step")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -167,16 +171,17 @@ def main() -> None:
                     rate = n / s / 1e9 if s > 0 else float("nan")
                     print(f"| {name} | {precision} | {s * 1e3:.2f} | {n / 1e9:.3f} | {rate:.0f} | {100 * rate / conv_peak:.0f}% |")
             total = phase_flops["fp32"]
-            steps = whole_steps(case_name, batch, args.compiled)
-            print("\n| whole step | ms | × ADM | GFLOP/s | % of conv peak | rest (update, copies, casts) ms |\n"
-                  "| --- | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
-            for name, s in steps.items():
+            steps = whole_steps(case_name, batch, args.compiled, args.respacing)
+            print("\n| whole step | ms | × ADM | GFLOP/s | % of conv peak | rest (update, copies, casts) ms |"
+                  " first call's extra s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
+            for name, (s, first) in steps.items():
                 rest = {"eager fp32": phase_s["fp32"], "eager bf16": phase_s["bf16"]}.get(name)
                 rest_ms = f"{(s - rest) * 1e3:.1f}" if rest is not None else "–"
                 rate = total / s / 1e9
-                print(f"| {name} | {s * 1e3:.1f} | {steps['adm'] / s:.2f} | {rate:.0f} | {100 * rate / conv_peak:.0f}% | {rest_ms} |")
+                print(f"| {name} | {s * 1e3:.1f} | {steps['adm'][0] / s:.2f} | {rate:.0f} | {100 * rate / conv_peak:.0f}% "
+                      f"| {rest_ms} | {first:.1f} |")  # fmt: skip
     print(f"\nCommand: `python benchmarks/profile_cpu.py --cases {args.cases} --batches {args.batches}"
-          f"{'' if args.compiled else ' --no-compiled'}`")  # fmt: skip
+          f" --respacing {args.respacing}{'' if args.compiled else ' --no-compiled'}`")  # fmt: skip
 
 
 if __name__ == "__main__":

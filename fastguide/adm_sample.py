@@ -177,7 +177,8 @@ def run_adm_sample(args) -> None:
 
     plan, flags, policy = plan_of(args)
     config = SamplerConfig(method=plan.method, clip_denoised=flags.sample.clip_denoised,
-                           compile=args.compile, precision=args.precision)  # fmt: skip
+                           compile=args.compile, precision=args.precision,
+                           planned_samples=flags.sample.num_samples)  # fmt: skip (the run's, whatever the ranks)
     out = check_output_folder(args.out)
     m = flags.model
     check_disk_space(out, 2 * flags.sample.num_samples * m.in_channels * m.image_size**2,

@@ -301,7 +301,7 @@ def run_sample(args) -> None:
     guided = args.policy != "none"
     nets = load_networks(args.model, args.classifier if guided else None, device)
     sampler = make_sampler(nets, plan["policy"], args.method, args.respacing, args.eta, args.compile, args.precision,
-                           **extra)  # fmt: skip
+                           planned_samples=len(plan["labels"]), **extra)  # fmt: skip
     n_steps = sampler.schedule.num_steps
     m = min(args.grad_maps, len(plan["labels"]))
     map_steps = sorted({round(i * (n_steps - 1) / (GRAD_MAP_STEPS - 1)) for i in range(GRAD_MAP_STEPS)}) if m else []
@@ -312,7 +312,7 @@ def run_sample(args) -> None:
         baseline = None
         if map_steps:  # Fig. 4 compares with ADM's constant scale 1 on the same seeds
             base_sampler = make_sampler(nets, build_policy("constant", 1.0), args.method, args.respacing, args.eta,
-                                        args.compile, args.precision, **extra)  # fmt: skip
+                                        args.compile, args.precision, planned_samples=m, **extra)  # fmt: skip
             baseline = generate(base_sampler, plan["labels"][:m], plan["seeds"][:m], args.batch_size, device,
                                 progress=False, grad_map_steps=map_steps, grad_map_samples=m)  # fmt: skip
         what = (f"{args.model} UNet, {args.classifier} classifier, {plan['policy']!r}, {args.method} "
@@ -329,7 +329,7 @@ def run_sample(args) -> None:
             "sampling_seconds": round(seconds, 2),
             "device": str(device),
             "precision": args.precision,
-            "fast_path": sampler.config.fast_path(device)._asdict() | {"autocast": str(sampler.config.fast_path(device).autocast)},
+            "fast_path": (fast := sampler.fast_path(device))._asdict() | {"autocast": str(fast.autocast)},
             "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
             "files": names,
         }

@@ -33,8 +33,9 @@ DEFAULT_RESPACING = {"ddim": "ddim25", "ddpm": "250", "dpmpp2m": "15", "unipc": 
 def add_fast_path_arguments(p: argparse.ArgumentParser) -> None:
     """--compile/--no-compile and --precision (SamplerConfig.compile and .precision)."""
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the whole guided step with torch.compile (default: on CUDA only; on the CPU the "
-                   "minute of compiling pays only for long runs)")  # fmt: skip
+                   help="compile the whole guided step with torch.compile (default: on CUDA; on a CPU with native "
+                   "bf16 when the run is long enough to repay a cold compile, a minute or more (fastguide.cost); "
+                   "else eager)")  # fmt: skip
     p.add_argument("--precision", "--dtype", dest="precision", default="auto", type=_precision,
                    choices=["auto", "float32", "bfloat16", "float16"],
                    help="the networks' precision, the rest stays float32 (default: auto = bfloat16 on CUDA and on a "
@@ -175,7 +176,8 @@ class Generated:
 def make_sampler(nets: Networks, policy: GuidancePolicy, method: str = "ddim", respacing: str | None = None,
                  eta: float = 0.0, compile: bool | None = None, precision: str = "auto", **options) -> GuidedSampler:  # fmt: skip
     """A sampler of ``nets`` (see :class:`SamplerConfig` for ``compile``, ``precision`` and the ``options``;
-    None / "auto": the fast path on CUDA; on the CPU eager, bf16 networks where the CPU has native bf16)."""
+    None / "auto": the fast path on CUDA; on the CPU bf16 networks where the CPU has native bf16, compiled where
+    the run repays it (``planned_samples``, :mod:`fastguide.cost`))."""
     respacing = DEFAULT_RESPACING[method] if respacing is None and method in DEFAULT_RESPACING else respacing
     schedule: Schedule = nets.flags.schedule(respacing)
     config = SamplerConfig(method=method, eta=eta, compile=compile, precision=precision, **options)

@@ -259,9 +259,10 @@ def run(args: argparse.Namespace) -> None:
         threshold = GRADIENT_NORM_THRESHOLD if r.policy == "gradient-norm" else None
         policy = build_policy(r.policy, strength, threshold)
         method = r.sampler.split("-")[0]
-        # a grid is many short runs, each a new graph to compile: compiled only when asked for
-        sampler = make_sampler(nets_cache[key], policy, method, respacing[method], compile=bool(args.compile),
-                               precision=args.precision)  # fmt: skip
+        # each run weighs its own compile (compile=None: fastguide.cost, counted cold although the grid's
+        # runs share their graphs), so a grid of short runs stays eager on the CPU
+        sampler = make_sampler(nets_cache[key], policy, method, respacing[method], compile=args.compile,
+                               precision=args.precision, planned_samples=n)  # fmt: skip
         start = time.perf_counter()
         desc = f"[{i + 1}/{len(todo)}] {r.model} {r.sampler} {r.classifier} {r.policy} {r.strength:g}"
         try:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import ops
+from . import cost, ops
 from .compile_cache import cacheable_autocast, use_user_cache
 from .cpu import flush_denormals, native_bf16
 from .diffusion import DDIM_GUIDANCE, VARIANCES, StepOutput
@@ -62,12 +62,15 @@ class SamplerConfig:
     ddim_guidance: str = "adm"  # "adm": ε − sqrt(1−ᾱ)·s∇ (ADM, EDS release); "paper": ε − s∇ (Alg. 1)
     check_finite: bool = True  # raise on NaN/inf from the networks (read once, after the loop); scales always
     progress: bool = False  # show a progress bar
-    compile: bool | None = None  # the whole step in one torch.compile region; None: on CUDA, off on CPU
+    compile: bool | None = None  # the whole step in one torch.compile region; None: on CUDA, and on a CPU with
+    # native bf16 for a run long enough to repay a cold compile (fastguide.cost, planned_samples), else eager
     cuda_graphs: bool | None = None  # replay the compiled step as a CUDA graph; None: with compile on CUDA
     precision: str = "auto"  # the networks' precision: auto, float32, bfloat16, float16 (auto: bfloat16 on
     # CUDA and on a CPU with native bf16, AMX-BF16 or AVX512-BF16 (fastguide.cpu.bf16_kind), float32 elsewhere)
     channels_last: bool | None = None  # channels-last images for the networks; None: on CUDA, off on CPU
     flush_denormals: bool = True  # on the CPU, each step treats denormal floats as zero (restored between steps)
+    planned_samples: int | None = None  # how many samples the sampler will draw in all, over all its calls:
+    # the run length compile=None weighs on the CPU; None: the first call's samples
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -109,6 +112,8 @@ class SamplerConfig:
             raise ValueError(f"unknown ddim_guidance {self.ddim_guidance!r}; expected one of {DDIM_GUIDANCE}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; expected one of {sorted(PRECISIONS)}")
+        if self.planned_samples is not None and not (_number(self.planned_samples, (int,)) and self.planned_samples >= 1):
+            raise ValueError(f"planned_samples must be a positive integer or None, got {self.planned_samples!r}")
         for name in ("compile", "cuda_graphs", "channels_last"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}")
@@ -128,21 +133,30 @@ class SamplerConfig:
                 f"({timesteps[-1]}..{timesteps[0]}): the classifier would never be called")  # fmt: skip
         return plan
 
-    def fast_path(self, device: torch.device) -> FastPath:
+    def fast_path(self, device: torch.device, repays: bool = False) -> FastPath:
         """The compile, CUDA-graph, precision and memory-format choices on ``device``, automatic ones resolved:
-        on CUDA everything on and bfloat16 networks; on the CPU eager (compile time is not repaid by a short
-        run, benchmarks/RESULTS.md), with bfloat16 networks where the CPU computes bf16 natively and float32
-        elsewhere, where bf16 is emulated and slower (:func:`fastguide.cpu.bf16_kind`)."""
+        on CUDA everything on and bfloat16 networks; on the CPU bfloat16 networks where the CPU computes bf16
+        natively and float32 elsewhere, where bf16 is emulated and slower (:func:`fastguide.cpu.bf16_kind`),
+        and eager unless the networks run in bf16 on such a CPU and ``repays`` says that the run repays a cold
+        compile (the sampler's estimate, :meth:`GuidedSampler.fast_path`, :mod:`fastguide.cost`)."""
         cuda = device.type == "cuda"
-        compile_ = cuda if self.compile is None else self.compile
-        graphs = (cuda and compile_) if self.cuda_graphs is None else self.cuda_graphs
-        if graphs and not cuda:
-            raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}")
         precision = self.precision
         if precision == "auto":
             precision = "bfloat16" if cuda or (device.type == "cpu" and native_bf16()) else "float32"
+        compile_ = self.compile
+        if compile_ is None:
+            compile_ = cuda or (repays and self.compile_weighed(device))
+        graphs = (cuda and compile_) if self.cuda_graphs is None else self.cuda_graphs
+        if graphs and not cuda:
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}")
         channels_last = cuda if self.channels_last is None else self.channels_last
         return FastPath(compile_, graphs, PRECISIONS[precision], channels_last)
+
+    def compile_weighed(self, device: torch.device) -> bool:
+        """Whether ``compile=None`` on ``device`` weighs the run's length (:mod:`fastguide.cost`): on a CPU with
+        native bf16 whose networks run in bf16, the case its constants were measured for."""
+        bf16 = self.precision == "bfloat16" or (self.precision == "auto" and native_bf16())
+        return self.compile is None and device.type == "cpu" and native_bf16() and bf16
 
 
 def _guidance_before(found, records: list[StepRecord]) -> str:
@@ -275,6 +289,7 @@ class GuidedSampler:
         )  # fmt: skip
         self.guided = not isinstance(policy, NoGuidance)
         self._runners: dict = {}
+        self._estimates: dict[torch.device, cost.Estimate | None] = {}  # compile=None's weighing, per device
         self.image_shape = self._image_shape(model, classifier, image_shape)
         self.num_classes = num_classes or getattr(classifier, "out_channels", None) or getattr(
             model, "num_classes", None
@@ -406,9 +421,65 @@ class GuidedSampler:
             cond_fn=self.cond_fn, dynamic_threshold=cfg.dynamic_threshold, threshold_max=cfg.threshold_max,
         )  # fmt: skip
 
+    def fast_path(self, device: torch.device | str, samples: int | None = None) -> FastPath:
+        """How this sampler's step runs on ``device`` (:meth:`SamplerConfig.fast_path`), with ``compile=None``
+        resolved on the CPU by :mod:`fastguide.cost` for a run of ``config.planned_samples`` samples (else
+        ``samples``, else the first call's). Weighed once per device: later calls, whatever their batch, run
+        as the first did, so that a sample does not depend on how the run was batched."""
+        device = torch.device(device)
+        if not self.config.compile_weighed(device):
+            return self.config.fast_path(device)
+        if device not in self._estimates:
+            samples = self.config.planned_samples or samples
+            if samples is None:  # not yet weighed, and nothing to weigh: what a run of unknown length gets
+                return self.config.fast_path(device)
+            self._estimates[device] = self._estimate(device, samples)
+        estimate = self._estimates[device]
+        return self.config.fast_path(device, repays=estimate is not None and estimate.repays)
+
+    def compile_estimate(self, device: torch.device | str = "cpu", samples: int | None = None) -> cost.Estimate | None:
+        """What :mod:`fastguide.cost` expects compiling to save and to cost for a run of ``samples`` samples
+        (else ``config.planned_samples``) on ``device``; None where the step cannot be counted."""
+        samples = samples or self.config.planned_samples
+        if samples is None:
+            raise ValueError("compile_estimate needs samples (or config.planned_samples)")
+        return self._estimate(torch.device(device), samples)
+
+    def _estimate(self, device: torch.device, samples: int) -> cost.Estimate | None:
+        """:func:`fastguide.cost.estimate` of this sampler's steps (counted at batch 1, :func:`~fastguide.cost.step_cost`)."""
+        shape = self.image_shape
+        if shape is None:  # the networks do not say their image shape: nothing to count
+            return None
+        with torch.inference_mode(False):
+            x = torch.zeros(1, *shape, device=device)
+            eager = FastPath(False, False, None, False)
+            spec, tables = self._spec(x, eager), StepTables.of(self.schedule, device, self.config.method)
+        plan = self.guidance_plan()
+        needs_noise = self.config.method == "ddpm" or self.config.eta > 0
+
+        def one_step(action):
+            def run():
+                with torch.inference_mode(False):
+                    x = torch.zeros(1, *shape, device=device)
+                    index = torch.full((1,), self.schedule.num_steps - 1, dtype=torch.long, device=device)
+                    y = torch.zeros(1, dtype=torch.long, device=device)
+                    noise = torch.zeros_like(x) if needs_noise else None
+                    guided_step(spec, tables, x, index, y, noise, None, Carry.zeros(x), action, None)
+
+            return run
+
+        nets = [n for n in (self.model, self.classifier) if n is not None]
+        # real tensors where the networks have no state to change (a step more of theirs changes nothing)
+        stateless = self.cond_fn is None and all(
+            isinstance(n, nn.Module) and not any(m.training for m in n.modules()) for n in nets)  # fmt: skip
+        costs = {action: cost.step_cost(one_step(action), fake=not stateless) for action in set(plan)}
+        if any(c is None for c in costs.values()):
+            return None
+        return cost.estimate(costs, plan, samples)
+
     def _runner(self, x: torch.Tensor) -> _Runner:
         """The step for x's device, dtype and shape: made (ops resolved, tables moved, compiled) once, reused."""
-        fast = self.config.fast_path(x.device)
+        fast = self.fast_path(x.device, x.shape[0])
         key = (x.device, tuple(x.shape), ops.forced_backend(), fast)
         if key not in self._runners:
             tables = StepTables.of(self.schedule, x.device, self.config.method)
