@@ -5,7 +5,8 @@
 e.g. ``python benchmarks/levers_cpu.py embedded 16 adm,fast,freezing,channels_last,every2``. Contenders:
 adm (ADM's loop), fast (the compiled step, precision "auto"), eager-bf16, freezing (inductor freezing, the
 compiled step called under no_grad: a measurement hook on the sampler's private runner, not a feature),
-channels_last, freezing+cl, max-autotune, every2 (guidance_every=2). Prints a Markdown table
+channels_last, freezing+cl, max-autotune, every2 (guidance_every=2), sdpa (the attention
+traced as SDPA, as before the compiled step's attention kept the networks' dtype). Prints a Markdown table
 (benchmarks/RESULTS.md).
 """
 import contextlib, os, sys, time
@@ -50,9 +51,23 @@ def _init(self, *a, **k):
 fs._Runner._compiled, fs._Runner.__init__ = _frozen_compiled, _init
 
 
-def lever(config_patch=None, freeze=False, **cfg):
+def _sdpa_attention(qkv, num_heads, legacy_order):
+    """The networks' attention as it was up to 9bb474e: SDPA also when compiled (inductor's
+    decomposition runs its matmuls in float32 on the CPU)."""
+    bs, width, length = qkv.shape
+    ch = width // (3 * num_heads)
+    if legacy_order:
+        q, k, v = qkv.reshape(bs, num_heads, 3 * ch, length).split(ch, dim=2)
+    else:
+        q, k, v = (z.reshape(bs, num_heads, ch, length) for z in qkv.chunk(3, dim=1))
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2),
+                                                           v.transpose(-1, -2))  # fmt: skip
+    return out.transpose(-1, -2).reshape(bs, num_heads * ch, length)
+
+
+def lever(config_patch=None, freeze=False, sdpa=False, **cfg):
     """The compiled step of GuidedSampler with ``cfg``; ``config_patch``: inductor options while it compiles
-    (its first run); ``freeze``: inductor freezing (the hook above)."""
+    (its first run); ``freeze``: inductor freezing (the hook above); ``sdpa``: the attention traced as SDPA."""
     run = e2e.fastguide_loop(case, "ddim", respacing, unet, clf, compile=True, precision="auto", **cfg)
     state = {"first": True}
 
@@ -60,10 +75,16 @@ def lever(config_patch=None, freeze=False, **cfg):
         FREEZE["on"] = freeze  # read when the runner is made, at the first run
         first = config_patch and state["first"]
         patch = torch._inductor.config.patch(**config_patch) if first else contextlib.nullcontext()
+        import fastguide.adm.nn as adm_nn
+
+        attention = adm_nn.qkv_attention
         try:
+            if sdpa:  # at every run: dynamo guards on the global, and would recompile without it
+                adm_nn.qkv_attention = _sdpa_attention
             with patch:
                 return run(x_T, y)
         finally:
+            adm_nn.qkv_attention = attention
             FREEZE["on"], state["first"] = False, False
 
     return wrapped
@@ -78,6 +99,7 @@ make = {
     "freezing+cl": lambda: lever(freeze=True, channels_last=True),
     "max-autotune": lambda: lever(dict(max_autotune=True)),
     "every2": lambda: lever(guidance_every=2),
+    "sdpa": lambda: lever(sdpa=True),
 }
 runs = {n: make[n]() for n in which}
 _, x_T, y, steps = e2e.setup(case_name, batch, "ddim", respacing, "cpu", ())

@@ -42,6 +42,38 @@ def test_sdpa_attention_equals_adm_einsum(legacy, heads, ch, length):
     torch.testing.assert_close(qkv_attention(qkv, heads, legacy).double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_low_precision_attention_keeps_adms_form_within_its_rounding(legacy, dtype):
+    """Compiled with bf16/fp16 activations, the attention is ADM's form (matmuls in the networks' dtype, the
+    softmax in float32) rather than SDPA, which inductor would upcast to float32 matmuls on the CPU. Its error
+    against float64 is bounded by the rounding of the logits and of the weights, in units of the dtype's eps."""
+    heads, ch, length = 4, 32, 64
+    qkv = torch.randn(2, 3 * heads * ch, length, generator=torch.Generator().manual_seed(0)).to(dtype)
+    compiled = torch.compile(qkv_attention, backend="aot_eager", fullgraph=True, dynamic=False)
+    out = compiled(qkv, heads, legacy)
+    assert out.dtype == dtype
+    expected = adm_attention_oracle(qkv, heads, legacy)
+    eps = torch.finfo(dtype).eps  # (half its spacing: the unit roundoff is eps / 2)
+    x = qkv.double()
+    if legacy:
+        q, k, v = x.reshape(2 * heads, 3 * ch, length).split(ch, dim=1)
+    else:
+        q, k, v = (z.reshape(2 * heads, ch, length) for z in x.chunk(3, dim=1))
+    logit_max = torch.einsum("bct,bcs->bts", q, k).abs().max().item() / math.sqrt(ch)
+    # q·scale, k·scale and the logits rounded (relative eps each: 3·L·eps on a logit, twice that on the
+    # softmax), each weight rounded (eps of max|v|), each output rounded (eps of |out|)
+    bound = eps * v.abs().max().item() * (1 + 6 * logit_max) + eps * expected.abs().max().item()
+    err = (out.double() - expected).abs().max().item()
+    assert err <= bound, (err, bound)
+    # and, as the float64 rule judges trajectories: within a few times the error of eager SDPA on the same
+    # low-precision inputs (one rounding of the output, float32 inside)
+    eager = (qkv_attention(qkv, heads, legacy).double() - expected).abs().max().item()
+    assert err <= 4 * eager + eps * expected.abs().max().item() / 2, (err, eager)
+    assert err > 0  # (it is computed in the low precision: the test would notice a float32 path)
+    torch._dynamo.reset()
+
+
 def test_attention_orders_differ():
     qkv = torch.randn(1, 3 * 2 * 8, 6)
     assert not torch.allclose(qkv_attention(qkv, 2, True), qkv_attention(qkv, 2, False))
