@@ -51,20 +51,6 @@ def _init(self, *a, **k):
 fs._Runner._compiled, fs._Runner.__init__ = _frozen_compiled, _init
 
 
-def _sdpa_attention(qkv, num_heads, legacy_order):
-    """The networks' attention as it was up to 9bb474e: SDPA also when compiled (inductor's
-    decomposition runs its matmuls in float32 on the CPU)."""
-    bs, width, length = qkv.shape
-    ch = width // (3 * num_heads)
-    if legacy_order:
-        q, k, v = qkv.reshape(bs, num_heads, 3 * ch, length).split(ch, dim=2)
-    else:
-        q, k, v = (z.reshape(bs, num_heads, ch, length) for z in qkv.chunk(3, dim=1))
-    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2),
-                                                           v.transpose(-1, -2))  # fmt: skip
-    return out.transpose(-1, -2).reshape(bs, num_heads * ch, length)
-
-
 def lever(config_patch=None, freeze=False, sdpa=False, **cfg):
     """The compiled step of GuidedSampler with ``cfg``; ``config_patch``: inductor options while it compiles
     (its first run); ``freeze``: inductor freezing (the hook above); ``sdpa``: the attention traced as SDPA."""
@@ -77,14 +63,14 @@ def lever(config_patch=None, freeze=False, sdpa=False, **cfg):
         patch = torch._inductor.config.patch(**config_patch) if first else contextlib.nullcontext()
         import fastguide.adm.nn as adm_nn
 
-        attention = adm_nn.qkv_attention
+        attention = adm_nn.low_precision_attention
         try:
             if sdpa:  # at every run: dynamo guards on the global, and would recompile without it
-                adm_nn.qkv_attention = _sdpa_attention
+                adm_nn.low_precision_attention = adm_nn.sdpa_attention
             with patch:
                 return run(x_T, y)
         finally:
-            adm_nn.qkv_attention = attention
+            adm_nn.low_precision_attention = attention
             FREEZE["on"], state["first"] = False, False
 
     return wrapped

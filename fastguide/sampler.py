@@ -118,6 +118,11 @@ class SamplerConfig:
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}")
 
+    @property
+    def draws_noise(self) -> bool:
+        """Whether a step takes fresh noise: DDPM, and DDIM with eta > 0."""
+        return self.method == "ddpm" or self.eta > 0
+
     def guidance_plan(self, schedule: Schedule) -> list[str]:
         """What each step of ``schedule`` (noisiest first) does with the classifier, from
         ``guidance_interval`` and ``guidance_every`` (:func:`fastguide.step.guidance_plan`).
@@ -140,9 +145,7 @@ class SamplerConfig:
         and eager unless the networks run in bf16 on such a CPU and ``repays`` says that the run repays a cold
         compile (the sampler's estimate, :meth:`GuidedSampler.fast_path`, :mod:`fastguide.cost`)."""
         cuda = device.type == "cuda"
-        precision = self.precision
-        if precision == "auto":
-            precision = "bfloat16" if cuda or (device.type == "cpu" and native_bf16()) else "float32"
+        precision = self._precision(device)
         compile_ = self.compile
         if compile_ is None:
             compile_ = cuda or (repays and self.compile_weighed(device))
@@ -155,8 +158,14 @@ class SamplerConfig:
     def compile_weighed(self, device: torch.device) -> bool:
         """Whether ``compile=None`` on ``device`` weighs the run's length (:mod:`fastguide.cost`): on a CPU with
         native bf16 whose networks run in bf16, the case its constants were measured for."""
-        bf16 = self.precision == "bfloat16" or (self.precision == "auto" and native_bf16())
-        return self.compile is None and device.type == "cpu" and native_bf16() and bf16
+        return (self.compile is None and device.type == "cpu" and native_bf16()
+                and self._precision(device) == "bfloat16")  # fmt: skip
+
+    def _precision(self, device: torch.device) -> str:
+        """``precision`` with "auto" resolved on ``device``."""
+        if self.precision != "auto":
+            return self.precision
+        return "bfloat16" if device.type == "cuda" or (device.type == "cpu" and native_bf16()) else "float32"
 
 
 def _guidance_before(found, records: list[StepRecord]) -> str:
@@ -372,7 +381,7 @@ class GuidedSampler:
             raise ValueError(
                 f"noise has image shape {noise.shape}; the model expects {c} channels of {h}x{w}"
             )
-        if self.config.method == "ddpm" or self.config.eta > 0:
+        if self.config.draws_noise:
             steps = getattr(noise, "steps", ...)
             if steps is None:
                 raise ValueError(f"{self.config.method} with eta={self.config.eta} needs per-step noise")
@@ -455,7 +464,6 @@ class GuidedSampler:
             eager = FastPath(False, False, None, False)
             spec, tables = self._spec(x, eager), StepTables.of(self.schedule, device, self.config.method)
         plan = self.guidance_plan()
-        needs_noise = self.config.method == "ddpm" or self.config.eta > 0
 
         def one_step(action):
             def run():
@@ -463,7 +471,7 @@ class GuidedSampler:
                     x = torch.zeros(1, *shape, device=device)
                     index = torch.full((1,), self.schedule.num_steps - 1, dtype=torch.long, device=device)
                     y = torch.zeros(1, dtype=torch.long, device=device)
-                    noise = torch.zeros_like(x) if needs_noise else None
+                    noise = torch.zeros_like(x) if self.config.draws_noise else None
                     guided_step(spec, tables, x, index, y, noise, None, Carry.zeros(x), action, None)
 
             return run
@@ -566,7 +574,7 @@ class GuidedSampler:
         extra = self._model_kwargs(model_kwargs, len(y), device)
         max_label = int(y.max())  # the labels were checked on the host just before: no extra wait
         source = self._noise_source(seeds, noise, device)
-        needs_noise = self.config.method == "ddpm" or self.config.eta > 0
+        needs_noise = self.config.draws_noise
         n = self.schedule.num_steps
         plan = self.guidance_plan()
         first_call = plan.index("call")

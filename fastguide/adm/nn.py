@@ -225,13 +225,25 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy_order: bool) -> torc
         # compiled on the CPU, inductor decomposes SDPA into matmuls that it upcasts to float32 (half the bf16
         # rate); ADM's own form keeps them in the networks' dtype, with the softmax in float32 (as ADM does):
         # the compiled bf16 step 1.15-1.2x faster (benchmarks/RESULTS.md). CUDA keeps SDPA's fused kernels.
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        weight = torch.matmul((q * scale).transpose(-1, -2), k * scale)  # (B, H, T, T)
-        weight = torch.softmax(weight.float(), dim=-1).to(q.dtype)
-        return torch.matmul(v, weight.transpose(-1, -2)).reshape(bs, num_heads * ch, length)
+        out = low_precision_attention(q, k, v)
+    else:
+        out = sdpa_attention(q, k, v)
+    return out.reshape(bs, num_heads * ch, length)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, H, C, T) attention by ``F.scaled_dot_product_attention``."""
     # (B, H, C, T) -> (B, H, T, C); ADM's 1/sqrt(sqrt(C)) on q and k equals SDPA's default 1/sqrt(C)
     out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-    return out.transpose(-1, -2).reshape(bs, num_heads * ch, length)
+    return out.transpose(-1, -2)
+
+
+def low_precision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, H, C, T) attention in ADM's form: the matmuls in q's dtype, the softmax in float32."""
+    scale = 1 / math.sqrt(math.sqrt(q.shape[2]))
+    weight = torch.matmul((q * scale).transpose(-1, -2), k * scale)  # (B, H, T, T)
+    weight = torch.softmax(weight.float(), dim=-1).to(q.dtype)
+    return torch.matmul(v, weight.transpose(-1, -2))
 
 
 class QKVAttention(nn.Module):
