@@ -4,7 +4,30 @@ Implements *Entropy-driven Sampling and Training Scheme for Conditional Diffusio
 (ECCV 2022) on ADM-compatible networks.
 """
 
-from . import adm, ops
+import importlib.util as _importlib_util
+import sys as _sys
+from pathlib import Path as _Path
+
+
+def _kernels_of_a_checkout() -> None:
+    """In a source checkout (no install), ``kernels/`` beside this package becomes ``fastguide.kernels``, as
+    setup.py's ``package_dir`` maps it in a wheel and in the editable install."""
+    name = f"{__name__}.kernels"
+    if _importlib_util.find_spec(name) is not None:
+        return
+    folder = _Path(__file__).resolve().parent.parent / "kernels"
+    if not (folder / "__init__.py").is_file():
+        return
+    spec = _importlib_util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules[name] = module
+    spec.loader.exec_module(module)
+    globals()["kernels"] = module
+
+
+_kernels_of_a_checkout()
+
+from . import adm, ops  # noqa: E402
 from .guidance import (
     POLICIES,
     ClassifierOutput,

@@ -71,6 +71,22 @@ def test_the_cycle_finder_finds_a_cycle():
     assert "fastguide.entropy" in graph["fastguide.kernels.reference"]
 
 
+def test_the_package_imports_from_a_plain_checkout():
+    """Without the install's mapping of kernels/ (a fresh clone on PYTHONPATH), ``import fastguide`` and its
+    kernels work, from this checkout's files; the installed mapping, where there is one, is left to win."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+            f"sys.path.insert(0, {str(ROOT)!r}); import fastguide, fastguide.kernels.reference as r; "
+            "print(fastguide.__file__); print(r.__file__); print(fastguide.kernels is sys.modules['fastguide.kernels'])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    package, reference, same = out.split()
+    assert Path(package) == ROOT / "fastguide" / "__init__.py"
+    assert Path(reference) == ROOT / "kernels" / "reference.py"
+    assert same == "True"
+
+
 def test_gpu_check_script_skips_cleanly_without_a_gpu():
     import subprocess
 

@@ -26,7 +26,7 @@ from fastguide.train import checkpoint as ckpt
 from fastguide.train.data import mnist5k
 from fastguide.train.distributed import DistState
 from fastguide.train.loop import draw_step_noise
-from fastguide.train.losses import q_sample
+from fastguide.losses import q_sample
 from fastguide.train.tasks import (
     DEFAULT_UNET,
     ClassifierTrainConfig,

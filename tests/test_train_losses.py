@@ -1,4 +1,4 @@
-"""Diffusion training losses (fastguide.train.losses), checked against float64 recomputations from the definitions."""
+"""Diffusion training losses (fastguide.losses), checked against float64 recomputations from the definitions."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from fastguide.schedule import Schedule
-from fastguide.train.losses import (
+from fastguide.losses import (
     approx_standard_normal_cdf,
     diffusion_loss,
     discretized_gaussian_log_likelihood,

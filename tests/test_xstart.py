@@ -11,7 +11,7 @@ from test_adm_parity import FOLDERS, golden
 import fastguide as fg
 from fastguide import ops
 from fastguide.diffusion import VToEps, XStartToEps
-from fastguide.train.losses import diffusion_loss, vlb_term
+from fastguide.losses import diffusion_loss, vlb_term
 
 needs_adm = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 
@@ -149,7 +149,7 @@ def test_the_v_loss_is_the_same_for_an_x0_network_and_the_eps_network_it_equals(
     t = torch.tensor([0, 1, 300, 700, 999])
     x0_hat = x0 + 0.1 * torch.randn(5, 1, 8, 8, generator=g)
     c = fg.schedule.StepCoefficients.of(schedule.coefficients(t))
-    x_t = fg.train.losses.q_sample(x0, t, noise, schedule)
+    x_t = fg.losses.q_sample(x0, t, noise, schedule)
     eps_hat = fg.diffusion.predict_eps_from_xstart(x_t, x0_hat, c)
     as_x0 = diffusion_loss(_Const(x0_hat), x0, t, noise, schedule, prediction="x0", v_loss=True).mse
     as_eps = diffusion_loss(_Const(eps_hat), x0, t, noise, schedule, v_loss=True).mse
@@ -169,18 +169,18 @@ def test_a_v_network_is_trained_on_v_and_sampled_as_the_eps_it_implies():
     t = torch.tensor([0, 1, 300, 700, 999])
     ab = schedule.table("alpha_bar")[t].reshape(-1, 1, 1, 1)
     v = (ab.sqrt() * noise.double() - (1 - ab).sqrt() * x0.double()).float()
-    x_t = fg.train.losses.q_sample(x0, t, noise, schedule)
+    x_t = fg.losses.q_sample(x0, t, noise, schedule)
     var = torch.zeros_like(x0)
     eps = VToEps(_Const(torch.cat([v, var], 1)), schedule)(x_t, t)[:, :1]
     torch.testing.assert_close(eps, noise, rtol=0, atol=1e-5)
     terms = diffusion_loss(_Const(torch.cat([v, var], 1)), x0, t, noise, schedule, learn_sigma=True, prediction="v")
     assert terms.mse.max() < 1e-12
     c = fg.schedule.StepCoefficients.of(schedule.coefficients(t))
-    torch.testing.assert_close(fg.train.losses.xstart_from_prediction("v", x_t, v, c), x0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fg.losses.xstart_from_prediction("v", x_t, v, c), x0, rtol=0, atol=1e-5)
     # v̂ off by δ costs ‖δ‖², the same as the v-loss of the x̂0 network with the same x̂0
     v_hat = v + 0.1 * torch.randn(v.shape, generator=g)
     as_v = diffusion_loss(_Const(v_hat), x0, t, noise, schedule, prediction="v").mse
-    x0_hat = fg.train.losses.xstart_from_prediction("v", x_t, v_hat, c)
+    x0_hat = fg.losses.xstart_from_prediction("v", x_t, v_hat, c)
     as_x0 = diffusion_loss(_Const(x0_hat), x0, t, noise, schedule, prediction="x0", v_loss=True).mse
     torch.testing.assert_close(as_v, ((v_hat - v) ** 2).mean(dim=(1, 2, 3)), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(as_x0, as_v, rtol=2e-3, atol=1e-6)

@@ -12,12 +12,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..adm.configs import ClassifierFlags, ModelFlags
 from ..guidance import entropy_from_log_probs
-from ..losses import ect_terms
+from ..losses import diffusion_loss, ect_terms, q_sample
 from ..schedule import Schedule
 from .data import ImageDataset, describe, fingerprint, image_folder, mnist5k
 from .distributed import init_distributed
 from .loop import LossTerms, StepNoise, Task, Trainer, TrainConfig, TrainResult
-from .losses import diffusion_loss, q_sample
 
 # small ADM architectures sized for 32x32 single-channel data (MNIST); the data sets image size,
 # channels and classes at run time
