@@ -9,6 +9,7 @@ live here too; every file is written to a temporary name and renamed, so none is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from torch import nn
 
 from .cpu import bf16_kind
 from .files import atomic_write
-from .guidance import POLICIES, ConstantRange, GradientNorm, GuidancePolicy, NoGuidance, classifier_gradient
+from .guidance import POLICIES, GuidancePolicy, NoGuidance, classifier_gradient
 from .images import to_uint8
 from .sampler import GuidedSampler, SamplerConfig
 from .schedule import Schedule
@@ -85,6 +86,10 @@ def sampler_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 def build_policy(name: str, strength: float | None = None, threshold: float | None = None,
                  t_max: int | None = None) -> GuidancePolicy:  # fmt: skip
     """The policy ``name`` (a key of :data:`fastguide.POLICIES`) with strength γ / s / C.
@@ -97,18 +102,16 @@ def build_policy(name: str, strength: float | None = None, threshold: float | No
         raise ValueError(f"unknown guidance policy {name!r}; expected one of {sorted(POLICIES)}")
     cls = POLICIES[name]
     kwargs = {}
-    if strength is not None and name == "none":
-        raise ValueError(f"a strength ({strength}) has no effect with the 'none' policy")
+    if strength is not None and cls.strength is None:
+        raise ValueError(f"a strength ({strength}) has no effect with the {name!r} policy")
     if strength is not None:
-        kwargs["gamma" if name == "eds" else "scale" if name == "constant" else "c"] = strength
-    if threshold is not None:
-        if cls is not GradientNorm:
-            raise ValueError(f"threshold applies to the gradient-norm policy only, not {name!r}")
-        kwargs["threshold"] = threshold
-    if t_max is not None:
-        if cls is not ConstantRange:
-            raise ValueError(f"t_max applies to the constant-range policy only, not {name!r}")
-        kwargs["t_max"] = t_max
+        kwargs[cls.strength] = strength
+    for field, value in (("threshold", threshold), ("t_max", t_max)):
+        if value is not None:
+            if field not in _fields(cls):
+                owners = " or ".join(n for n, c in POLICIES.items() if field in _fields(c))
+                raise ValueError(f"{field} applies to the {owners} policy only, not {name!r}")
+            kwargs[field] = value
     return cls(**kwargs)
 
 

@@ -14,7 +14,11 @@ Policies shipped (the paper's Sect. 3.2 and 4.3, supplement Sect. 1):
   rescales *weak* gradients; its Eq. 13 and supplement Eq. 3 are written the other way round. We
   follow the text (a weak gradient is the vanishing guidance the method exists to recover).
 
-Any callable ``policy(state) -> (B,) scale`` can be passed instead.
+Any callable ``policy(state) -> (B,) scale`` can be passed instead. The shipped policies derive from
+:class:`Policy`, which says how a policy turns one classifier pass into its scale (EDS takes the scale the
+fused softmax–entropy–scale op computed in the pass, unless a subclass gives its own formula), and
+declares the policy's name, the field a strength sets and its sweep: registering a policy is adding its
+class to :data:`POLICIES`.
 """
 
 from __future__ import annotations
@@ -23,13 +27,12 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import ClassVar, NamedTuple, Protocol
 
 import torch
 
-from . import ops
+from .classifier import NO_SCALE_ARGS, ClassifierPass, classifier_pass
 from .entropy import DEFAULT_ENTROPY_FLOOR, eds_scale, entropy_from_log_probs  # noqa: F401 (the public names)
-
 
 
 class ClassifierOutput(NamedTuple):
@@ -50,6 +53,11 @@ class GuidanceState(NamedTuple):
     entropy: torch.Tensor  # (B,) float32 entropy in nats
     grad_norm: torch.Tensor  # (B,) float32 ‖∇x log p(y|x_t)‖₂ per sample
     log_prob: torch.Tensor  # (B,) float32 log p(y|x_t)
+
+    @classmethod
+    def of(cls, out: ClassifierPass, t: torch.Tensor, num_timesteps: int) -> GuidanceState:
+        """A classifier pass at original timesteps ``t``, for a policy."""
+        return cls(t, num_timesteps, out.logits.shape[-1], out.entropy, out.grad_norm, out.log_prob)
 
 
 class GuidancePolicy(Protocol):
@@ -81,23 +89,63 @@ def classifier_gradient(
         :class:`ClassifierOutput`; the gradient is that of Σ_i log_softmax(logits)[i, y_i], as ADM's cond_fn.
     """
     # works inside torch.no_grad() and torch.inference_mode() too (an inference tensor is copied out)
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False):
         x, t, y = (v.clone() if v.is_inference() else v for v in (x, t, y))
-        x_in = x.detach().requires_grad_(True)
-        logits = classifier(x_in, t)
-        if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-            raise ValueError(f"classifier returned shape {tuple(logits.shape)}; expected ({x.shape[0]}, K)")
-        check_class_ids(y, logits.shape[1], "the classifier's")
-        fused = ops.softmax_entropy_scale(logits.detach(), y)
-        # seeding the backward with d log p(y)/d logits = onehot − p is the gradient of Σ log p(y_i)
-        (grad,) = torch.autograd.grad(logits, x_in, grad_outputs=fused.dlogits.to(logits.dtype))
-    return ClassifierOutput(logits.detach(), fused.log_prob, fused.entropy, grad)
+        out = classifier_pass(classifier, x, t, y, check=lambda k: check_class_ids(y, k, "the classifier's"))
+    return ClassifierOutput(out.logits, out.log_prob, out.entropy, out.grad)
 
 
 def guidance_state(out: ClassifierOutput, t: torch.Tensor, num_timesteps: int) -> GuidanceState:
-    """Summarise a classifier call for a policy: entropy, gradient norm, log p(y), original t."""
+    """Summarise a :func:`classifier_gradient` call for a policy: entropy, gradient norm, log p(y), original t."""
     grad_norm = out.grad.float().flatten(1).norm(dim=1)
     return GuidanceState(t, num_timesteps, out.logits.shape[-1], out.entropy, grad_norm, out.log_prob)
+
+
+class Policy:
+    """Base of the shipped guidance policies: a policy is called on a :class:`GuidanceState` and returns the
+    (B,) scale; this says how it is applied to one classifier pass, and how the command line knows it."""
+
+    name: ClassVar[str]  # its key in POLICIES (the CLI's --policy)
+    strength: ClassVar[str | None] = None  # the field a strength (--scale) sets; None: it takes none
+    sweep: ClassVar[tuple[float, ...]] = ()  # the strengths `fastguide reproduce` sweeps (the embedded models)
+
+    def __call__(self, state: GuidanceState) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scale_args(self) -> tuple[float, float, float]:
+        """The fused op's (γ, entropy floor, max scale): what its scale output computes in the pass."""
+        return NO_SCALE_ARGS
+
+    def scale_of(self, out: ClassifierPass, state: GuidanceState) -> torch.Tensor:
+        """The (B,) float32 scale of this pass (no gradient flows through it)."""
+        return torch.as_tensor(self(state), dtype=torch.float32, device=out.entropy.device).detach()
+
+    def trace_warning(self, trace) -> str | None:
+        """A warning about a finished run's :class:`~fastguide.SamplingTrace`, or None."""
+        return None
+
+
+@dataclass(frozen=True)
+class CallablePolicy(Policy):
+    """A user's ``policy(state) -> (B,) scale`` callable, applied as a :class:`Policy`."""
+
+    fn: Callable[[GuidanceState], torch.Tensor]
+
+    def __call__(self, state: GuidanceState) -> torch.Tensor:
+        return self.fn(state)
+
+
+def as_policy(policy: GuidancePolicy) -> Policy:
+    """``policy`` as a :class:`Policy` (a plain callable is wrapped)."""
+    return policy if isinstance(policy, Policy) else CallablePolicy(policy)
+
+
+def policy_scale(policy: Policy, out: ClassifierPass, state: GuidanceState) -> torch.Tensor:
+    """The policy's (B,) scale for one pass; ValueError for a scale of another shape."""
+    scale = policy.scale_of(out, state)
+    if scale.shape != (len(out.entropy),):
+        raise ValueError(f"policy returned a scale of shape {tuple(scale.shape)}; expected ({len(out.entropy)},)")
+    return scale
 
 
 def _full(state: GuidanceState, value: float) -> torch.Tensor:
@@ -122,16 +170,22 @@ def _check_strength(name: str, value: float) -> None:
 
 
 @dataclass(frozen=True)
-class NoGuidance:
+class NoGuidance(Policy):
     """No classifier guidance: the classifier is never called and samples are unguided."""
+
+    name: ClassVar[str] = "none"
 
     def __call__(self, state: GuidanceState) -> torch.Tensor:
         return _full(state, 0.0)
 
 
 @dataclass(frozen=True)
-class Constant:
+class Constant(Policy):
     """ADM's guidance: the same scale for every sample and step (``--classifier_scale``)."""
+
+    name: ClassVar[str] = "constant"
+    strength: ClassVar[str | None] = "scale"
+    sweep: ClassVar[tuple[float, ...]] = (3.0, 10.0, 30.0)
 
     scale: float = 1.0  # the constant s
 
@@ -143,13 +197,17 @@ class Constant:
 
 
 @dataclass(frozen=True)
-class EntropyDriven:
+class EntropyDriven(Policy):
     """EDS (Eq. 10): ``s = γ · H(U) / H(p(ỹ|x_t)) = γ · log K / H`` per sample.
 
     ``H`` is floored at ``entropy_floor`` nats so that a (numerically) one-hot prediction gives a
     large finite scale instead of inf/NaN (the paper's release has no floor). ``max_scale`` optionally
     caps ``s``.
     """
+
+    name: ClassVar[str] = "eds"
+    strength: ClassVar[str | None] = "gamma"
+    sweep: ClassVar[tuple[float, ...]] = (0.3, 1.0, 3.0)
 
     gamma: float = 1.0  # γ, the balance between guidance and entropy rescaling
     entropy_floor: float = DEFAULT_ENTROPY_FLOOR  # lower bound on H in nats
@@ -165,10 +223,35 @@ class EntropyDriven:
     def __call__(self, state: GuidanceState) -> torch.Tensor:
         return eds_scale(state.entropy, state.num_classes, self.gamma, self.entropy_floor, self.max_scale)
 
+    def scale_args(self) -> tuple[float, float, float]:
+        return (self.gamma, self.entropy_floor, self.max_scale or 0.0)
+
+    def scale_of(self, out: ClassifierPass, state: GuidanceState) -> torch.Tensor:
+        """The fused op's scale, computed in the pass from its own entropy (the same formula as
+        ``__call__``, in one kernel); a subclass with its own ``__call__`` gets that instead."""
+        if type(self).__call__ is not EntropyDriven.__call__:
+            return super().scale_of(out, state)
+        return out.fused_scale
+
+    def trace_warning(self, trace) -> str | None:
+        """Where an entropy fell below the floor (the scale is then γ·log K / floor), the first such sample."""
+        if trace.entropy is None:
+            return None
+        low = (trace.entropy < self.entropy_floor).nonzero()
+        if not len(low):
+            return None
+        step, i = (int(v) for v in low[0])
+        return (f"entropy of sample {i} at step {step} is {trace.entropy[step, i].item():.3g} nats, below the EDS "
+                f"floor {self.entropy_floor:g}: its scale is gamma*log(K)/floor; consider EntropyDriven(max_scale=...)")  # fmt: skip
+
 
 @dataclass(frozen=True)
-class ConstantRange:
+class ConstantRange(Policy):
     """The paper's "Constant (range 0-700)": ``s = c`` where original ``t ≤ t_max``, ``base`` above."""
+
+    name: ClassVar[str] = "constant-range"
+    strength: ClassVar[str | None] = "c"
+    sweep: ClassVar[tuple[float, ...]] = (3.0, 10.0, 30.0)
 
     c: float = 1.0  # the recovery factor applied late in sampling
     t_max: int = 700  # last original timestep (inclusive) that gets c
@@ -184,8 +267,12 @@ class ConstantRange:
 
 
 @dataclass(frozen=True)
-class TimestepAware:
+class TimestepAware(Policy):
     """The paper's "Timestep-aware" policy: ``s = c · (T − t)`` with T the original number of steps."""
+
+    name: ClassVar[str] = "timestep-aware"
+    strength: ClassVar[str | None] = "c"
+    sweep: ClassVar[tuple[float, ...]] = (0.003, 0.01, 0.03)
 
     c: float = 1.0  # the constant C
 
@@ -198,11 +285,15 @@ class TimestepAware:
 
 
 @dataclass(frozen=True)
-class GradientNorm:
+class GradientNorm(Policy):
     """The paper's "Gradient Norm" policy: ``s = c`` when ``‖∇‖₂ < threshold`` (weak), else ``base``.
 
     Follows the paper's text, not its Eq. 13 (which rescales strong gradients); see the module doc.
     """
+
+    name: ClassVar[str] = "gradient-norm"
+    strength: ClassVar[str | None] = "c"
+    sweep: ClassVar[tuple[float, ...]] = (3.0, 10.0, 30.0)
 
     c: float = 1.0  # the recovery factor for weak gradients
     threshold: float = 0.2  # the norm bound M
@@ -219,11 +310,5 @@ class GradientNorm:
         return torch.where(weak, _full(state, self.c), _full(state, self.base))
 
 
-POLICIES = {
-    "none": NoGuidance,
-    "constant": Constant,
-    "eds": EntropyDriven,
-    "constant-range": ConstantRange,
-    "timestep-aware": TimestepAware,
-    "gradient-norm": GradientNorm,
-}
+# every named policy (the CLI's --policy choices); the order is the results table's (fastguide reproduce)
+POLICIES = {cls.name: cls for cls in (NoGuidance, Constant, ConstantRange, TimestepAware, GradientNorm, EntropyDriven)}

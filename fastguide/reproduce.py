@@ -26,6 +26,7 @@ from pathlib import Path
 from .files import atomic_write, atomic_write_csv
 from .evaluation import DEFAULT_EVAL_NET, EVAL_NETS
 from .generate import DEFAULT_RESPACING, add_fast_path_arguments
+from .guidance import POLICIES
 
 MODELS = ("uncond", "cond")
 CLASSIFIERS = ("ce", "ect")
@@ -33,19 +34,14 @@ SAMPLERS = ("ddim", "ddpm")  # the paper's grid; the multistep solvers can be ad
 METHOD_CHOICES = ("ddim", "ddpm", "dpmpp2m", "unipc")
 RESPACING = DEFAULT_RESPACING  # the paper's DDIM-25 and DDPM-250; 15 steps for DPM-Solver++(2M) and UniPC
 QUICK_RESPACING = {"ddim": "ddim10", "ddpm": "25", "dpmpp2m": "10", "unipc": "10"}
-POLICY_ORDER = ("none", "constant", "constant-range", "timestep-aware", "gradient-norm", "eds")
+POLICY_ORDER = tuple(POLICIES)  # the results table's order: the registry's
 
-# strengths swept per policy: s (constant), c (constant-range with base s = 1, t <= 700; gradient-norm
-# with base s = 1 and M = GRADIENT_NORM_THRESHOLD), C (timestep-aware, s = C·(T − t)), γ (EDS).
-# The embedded classifiers' ‖∇ log p‖ is about 0.06-1.2 along a DDIM-10 path (median per step), so the
-# constant scales that change MNIST samples are around 3-30 rather than ADM's ImageNet 1-10.
-SWEEPS = {
-    "constant": (3.0, 10.0, 30.0),
-    "constant-range": (3.0, 10.0, 30.0),
-    "timestep-aware": (0.003, 0.01, 0.03),
-    "gradient-norm": (3.0, 10.0, 30.0),
-    "eds": (0.3, 1.0, 3.0),
-}
+# strengths swept per policy (each policy's ``sweep``): s (constant), c (constant-range with base s = 1,
+# t <= 700; gradient-norm with base s = 1 and M = GRADIENT_NORM_THRESHOLD), C (timestep-aware,
+# s = C·(T − t)), γ (EDS). The embedded classifiers' ‖∇ log p‖ is about 0.06-1.2 along a DDIM-10 path
+# (median per step), so the constant scales that change MNIST samples are around 3-30 rather than
+# ADM's ImageNet 1-10.
+SWEEPS = {name: cls.sweep for name, cls in POLICIES.items() if cls.strength is not None}
 QUICK_SWEEPS = {policy: values[1:2] for policy, values in SWEEPS.items()}  # the middle strength of each
 # M of the gradient-norm policy: along DDIM-25 paths of the embedded models (constant scale 1) ‖∇‖ is
 # 0.07-0.15 early, 0.4-1.0 at its peak (t ≈ 600) and 0.001-0.01 once the classifier is confident; with

@@ -35,12 +35,13 @@ from . import cost, ops
 from .compile_cache import cacheable_autocast, use_user_cache
 from .cpu import flush_denormals, native_bf16
 from .diffusion import DDIM_GUIDANCE, VARIANCES, StepOutput
-from .guidance import EntropyDriven, GuidancePolicy, NoGuidance
+from .classifier import differentiates_parameters
+from .guidance import EntropyDriven, GuidancePolicy, NoGuidance, as_policy
 from .noise import FixedNoise, GlobalNoise, PerSampleNoise
 from .schedule import Schedule
 from .solvers import MULTISTEP, Carry
 from .step import (
-    CHECKS, StepRecord, StepSpec, StepTables, differentiates_parameters, fault_location, first_fault, guidance_plan,
+    CHECKS, StepRecord, StepSpec, StepTables, fault_location, first_fault, guidance_plan,
     guided_step, nonfinite_code,
 )  # fmt: skip
 
@@ -422,7 +423,7 @@ class GuidedSampler:
             k = self.num_classes or 2
             entropy = ops.resolve("softmax_entropy_scale", torch.zeros(b, k, device=x.device), ones.long())
         return StepSpec(
-            model=self.model, classifier=self.classifier if self.guided else None, policy=self.policy,
+            model=self.model, classifier=self.classifier if self.guided else None, policy=as_policy(self.policy),
             num_timesteps=self.schedule.num_original_timesteps, class_cond=self.class_cond, method=cfg.method,
             eta=cfg.eta, clip_denoised=cfg.clip_denoised, variance=cfg.variance,
             paper_form=cfg.ddim_guidance == "paper", check_finite=cfg.check_finite, num_classes=self.num_classes,
@@ -620,18 +621,10 @@ class GuidedSampler:
         return self.config.guidance_plan(self.schedule)
 
     def _warn_entropy_floor(self, trace: SamplingTrace) -> None:
-        """Once per run, where an entropy fell below the EDS floor (the scale is then γ·log K / floor)."""
-        floor = getattr(self.policy, "entropy_floor", None)
-        if floor is None or trace.entropy is None:
-            return
-        low = (trace.entropy < floor).nonzero()
-        if len(low):
-            step, i = (int(v) for v in low[0])
-            warnings.warn(
-                f"entropy of sample {i} at step {step} is {trace.entropy[step, i].item():.3g} nats, below the EDS "
-                f"floor {floor:g}: its scale is gamma*log(K)/floor; consider EntropyDriven(max_scale=...)",
-                stacklevel=3,
-            )
+        """Once per run, what the policy has to say about the run's trace (EDS: an entropy below its floor)."""
+        warning = as_policy(self.policy).trace_warning(trace)
+        if warning is not None:
+            warnings.warn(warning, stacklevel=3)
 
 
 # what tracing or compiling raises when the step cannot be one graph (a graph break in a policy, a backend

@@ -2,7 +2,7 @@
 
     x_t ─► eps-model(x_t, t) ─► (ε, v)
     x_t ─► classifier(x_t, t) ─► logits ─► softmax–entropy–scale ─► d log p(y)/d logits ─► ∇x log p(y|x_t)
-        ─► policy (EDS: the fused op's own scale) ─► s
+        ─► policy (EDS: the fused op's own scale) ─► s           (fastguide.classifier, fastguide.guidance)
     (x_t, ε, v, s, ∇, z) ─► guided DDPM/DDIM update ─► x_{t−1}
     (or ε − sqrt(1−ᾱ)·s·∇ ─► DPM-Solver++(2M)/UniPC update with the carried history, fastguide.solvers)
 
@@ -14,18 +14,17 @@ in a status tensor (:data:`CHECKS` × B), which the sampler reads once after the
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
+from .classifier import ClassifierPass, check_labels, classifier_pass, network_input
 from .diffusion import StepOutput
-from .guidance import EntropyDriven, GuidanceState
+from .guidance import GuidanceState, Policy, policy_scale
 from .kernels.reference import VARIANCE_CODES
 from .schedule import Schedule, StepCoefficients
 from .solvers import MULTISTEP, Carry, multistep_table, multistep_update
@@ -72,7 +71,7 @@ class StepSpec:
 
     model: Callable[..., torch.Tensor]  # eps-model (x, t[, y=]) -> (B, C or 2C, H, W)
     classifier: Callable[..., torch.Tensor] | None  # (x, t) -> (B, K) logits; None: unguided
-    policy: Callable[[GuidanceState], torch.Tensor]  # guidance-scale policy
+    policy: Policy  # guidance-scale policy (fastguide.guidance.as_policy of the user's)
     num_timesteps: int  # T of the original schedule (for the policies)
     class_cond: bool  # whether the eps-model takes y
     method: str  # "ddpm", "ddim", or a multistep solver ("dpmpp2m", "unipc")
@@ -94,64 +93,7 @@ class StepSpec:
 
 def _networks(spec: StepSpec, x: torch.Tensor):
     """(input for the networks, autocast context) as the spec asks."""
-    if spec.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    if spec.autocast is None:
-        return x, contextlib.nullcontext()
-    return x, torch.autocast(x.device.type, dtype=spec.autocast)
-
-
-# classifiers with an autograd.Function of their own that differentiates the parameters it is handed
-# (ADM's original gradient checkpoint), found at their first pass (classifier_pass)
-_DIFFERENTIATES_PARAMETERS: weakref.WeakSet = weakref.WeakSet()
-# classifiers whose backward needs the forward's autocast (an autograd.Function that recomputes its block in
-# the backward without restoring it, as ADM's checkpoints do: bf16 activations meet float32 weights there),
-# found at their first pass under autocast; their backward runs under the same autocast as their forward
-_RECOMPUTES_UNDER_AUTOCAST: weakref.WeakSet = weakref.WeakSet()
-
-
-def _input_gradient_call(net, *args):
-    """``net(*args)`` for a backward that differentiates its input only (nn.Module; anything else is called as is).
-
-    The parameters are stood in for by tensors that share their storage, so no parameter ever receives
-    ``.grad`` and autograd computes no parameter gradient (the backward asks for the input's alone, and the
-    weight-gradient halves of each layer's backward are pruned). The stand-ins are detached; for a network
-    whose own ``autograd.Function`` differentiates the parameters it is handed (ADM's original checkpoint:
-    ``autograd.grad(outputs, inputs + params)``, which fails on tensors that do not require grad) they are
-    leaves that require grad. Such a checkpoint recomputes its block in the backward with the module's own
-    parameters (the stand-ins are swapped back when the forward returns), so the stand-ins it asks about are
-    unused there and no parameter gradient is computed either.
-    """
-    if not isinstance(net, nn.Module):
-        return net(*args)
-    # a compiled step traces detached stand-ins (such a checkpoint cannot be traced: the sampler then runs the
-    # classifier pass eagerly); the WeakSet stays out of the trace
-    leaves = not torch.compiler.is_compiling() and net in _DIFFERENTIATES_PARAMETERS
-    params = {name: p.detach().requires_grad_(leaves) for name, p in net.named_parameters()}
-    return torch.func.functional_call(net, params, args)
-
-
-def differentiates_parameters(net) -> bool:
-    """Whether the classifier pass found that ``net`` differentiates the parameters it hands to an
-    ``autograd.Function`` of its own (ADM's original gradient checkpoint), which torch.compile cannot trace."""
-    return isinstance(net, nn.Module) and net in _DIFFERENTIATES_PARAMETERS
-
-
-def _learned_from(spec: StepSpec, err: RuntimeError) -> bool:
-    """Whether ``err``, raised by the classifier's backward, teaches how to run this classifier (it is remembered and
-    the pass is run again): a network that differentiates the detached stand-ins of its parameters gets
-    stand-ins that require grad; a network whose backward fails under autocast gets its backward under the
-    forward's autocast (a checkpoint that recomputes its block there). Anything else is not learned."""
-    net = spec.classifier
-    if not isinstance(net, nn.Module):
-        return False
-    if "does not require grad" in str(err) and net not in _DIFFERENTIATES_PARAMETERS:
-        _DIFFERENTIATES_PARAMETERS.add(net)
-        return True
-    if spec.autocast is not None and net not in _RECOMPUTES_UNDER_AUTOCAST:
-        _RECOMPUTES_UNDER_AUTOCAST.add(net)
-        return True
-    return False
+    return network_input(x, spec.autocast, spec.channels_last)
 
 
 def nonfinite_code(value: torch.Tensor) -> torch.Tensor:
@@ -187,72 +129,19 @@ def eps_and_v(spec: StepSpec, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
     return eps.contiguous(), (None if v is None else v.contiguous()), out
 
 
-def check_labels(max_label: int, num_classes: int) -> None:
-    """ValueError when a target class id is not among the classifier's ``num_classes`` logits."""
-    if max_label >= num_classes:
-        raise ValueError(f"class id {max_label} is out of range for the classifier's {num_classes} classes")
-
-
-def classifier_pass(spec: StepSpec, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, max_label: int | None = None):
-    """(logits, fused softmax–entropy–scale, ∇x log p(y|x_t)): one forward, and one backward seeded with
-    d log p(y)/d logits = onehot(y) − p from the fused op (the gradient of Σ_i log p(y_i|x_i), as ADM's
-    cond_fn). For EDS the fused op also gives the scale γ·log K / max(H, floor)."""
-    eds = spec.policy if isinstance(spec.policy, EntropyDriven) else None
-    args = (1.0, 1e-6, 0.0) if eds is None else (eds.gamma, eds.entropy_floor, eds.max_scale or 0.0)
-    while True:
-        try:
-            logits, fused, grad = _classifier_pass(spec, x, t, y, max_label, args)
-            break
-        except _BackwardFailed as failed:  # run again with what it taught (each lesson once), or raised
-            if not _learned_from(spec, failed.args[0]):
-                raise failed.args[0] from None
-    return logits.detach(), fused, grad.float()
-
-
-def _classifier_pass(spec: StepSpec, x, t, y, max_label, args):
-    with torch.enable_grad():
-        x_in = x.detach().requires_grad_(True)
-        x_net, ctx = _networks(spec, x_in)
-        with ctx:
-            logits = _input_gradient_call(spec.classifier, x_net, t)
-        if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-            raise ValueError(f"classifier returned shape {tuple(logits.shape)}; expected ({x.shape[0]}, K)")
-        if spec.num_classes is not None and logits.shape[1] != spec.num_classes:
-            raise ValueError(f"classifier returned {logits.shape[1]} logits; expected {spec.num_classes}")
-        if max_label is not None:  # the labels' range is checked in Python (no sync): eagerly, before compiling
-            check_labels(max_label, logits.shape[1])
-        fused = spec.entropy_op(logits.detach().float(), y, *args)
-        # the backward outside autocast (its formulas in the dtypes autograd saved), but where a network
-        # recomputes blocks in its backward, under the forward's autocast (torch.utils.checkpoint's rule)
-        # (the compiled step traces neither: such a checkpoint cannot be traced, and the WeakSet stays out)
-        recomputes = not torch.compiler.is_compiling() and spec.classifier in _RECOMPUTES_UNDER_AUTOCAST
-        try:
-            with ctx if recomputes else contextlib.nullcontext():
-                (grad,) = torch.autograd.grad(logits, x_in, grad_outputs=fused.dlogits.to(logits.dtype))
-        except RuntimeError as err:
-            raise _BackwardFailed(err) from err
-    return logits, fused, grad
-
-
-class _BackwardFailed(Exception):
-    """The classifier's backward raised ``args[0]`` (classifier_pass learns from it or raises it)."""
-
-
 def guidance_pass(
     spec: StepSpec, x: torch.Tensor, t_model: torch.Tensor, t_orig: torch.Tensor, y: torch.Tensor,
     max_label: int | None = None,
-):  # fmt: skip
-    """The classifier's part of a step: (logits, fused softmax–entropy–scale, ∇x log p(y|x_t), ‖∇‖₂, s).
-    EDS takes the fused op's scale; any other policy is called on the step's :class:`GuidanceState`."""
-    logits, fused, grad = classifier_pass(spec, x, t_model, y, max_label)
-    grad_norm = grad.flatten(1).norm(dim=1)
-    if isinstance(spec.policy, EntropyDriven):
-        return logits, fused, grad, grad_norm, fused.scale
-    state = GuidanceState(t_orig, spec.num_timesteps, logits.shape[1], fused.entropy, grad_norm, fused.log_prob)
-    scale = torch.as_tensor(spec.policy(state), dtype=torch.float32, device=x.device).detach()
-    if scale.shape != (x.shape[0],):
-        raise ValueError(f"policy returned a scale of shape {tuple(scale.shape)}; expected ({x.shape[0]},)")
-    return logits, fused, grad, grad_norm, scale
+) -> tuple[ClassifierPass, torch.Tensor]:  # fmt: skip
+    """The classifier's part of a step: (the :func:`~fastguide.classifier.classifier_pass`, the policy's scale s).
+    ``max_label`` (the largest of y) is checked against the logits' K in Python; None: not checked."""
+    policy = spec.policy
+    out = classifier_pass(
+        spec.classifier, x, t_model, y, entropy_op=spec.entropy_op, scale_args=policy.scale_args(),
+        num_classes=spec.num_classes, check=None if max_label is None else functools.partial(check_labels, max_label),
+        autocast=spec.autocast, channels_last=spec.channels_last,
+    )  # fmt: skip
+    return out, policy_scale(policy, out, GuidanceState.of(out, t_orig, spec.num_timesteps))
 
 
 def guided_step(
@@ -303,12 +192,14 @@ def guided_step(
         record = StepRecord(t_orig, None, None, None, None)
         status = [eps_status, zeros, zeros, zeros]
     else:
-        logits, fused, grad, grad_norm, scale = guidance_pass(spec, x, t_model, t_orig, y, max_label)
+        out, scale = guidance_pass(spec, x, t_model, t_orig, y, max_label)
+        grad = out.grad.float()
         scale_status = nonfinite_code(scale)
         # without check_finite, bad logits are named only where they made the scale non-finite
+        logits = out.logits
         logit_status = logits_code(logits) if spec.check_finite else torch.where(scale_status != 0, logits_code(logits), 0)
         grad_status = nonfinite_code(grad) if spec.check_finite else zeros
-        record = StepRecord(t_orig, fused.entropy, scale, grad_norm, fused.log_prob.exp())
+        record = StepRecord(t_orig, out.entropy, scale, out.grad_norm, out.log_prob.exp())
         status = [eps_status, logit_status.to(torch.int8), scale_status, grad_status]
     if grad is not None and guidance == "call":
         carry = carry._replace(scale=scale, grad=grad)

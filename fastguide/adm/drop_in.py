@@ -18,19 +18,20 @@ nothing here imports guided_diffusion.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from .. import ops
+from ..classifier import check_labels, classifier_pass
 from ..diffusion import XStartToEps
-from ..guidance import Constant, EntropyDriven, GuidancePolicy, NoGuidance
+from ..guidance import Constant, EntropyDriven, GuidancePolicy, GuidanceState, NoGuidance, as_policy, policy_scale
 from ..noise import GlobalNoise
 from ..sampler import GuidedSampler, SamplerConfig
 from ..schedule import Schedule
-from ..step import StepRecord, StepSpec, guidance_pass
+from ..step import StepRecord
 
 # ADM's ModelVarType names -> fastguide's DDPM variances
 _VARIANCES = {
@@ -58,11 +59,7 @@ class CondFn:
         self.classifier, self.policy = classifier, policy
         self.num_timesteps, self.rescale_timesteps = int(num_timesteps), bool(rescale_timesteps)
         self.record, self.records, self.last = record, [], None
-        self._spec = StepSpec(
-            model=None, classifier=classifier, policy=policy, num_timesteps=self.num_timesteps, class_cond=False,
-            method="ddim", eta=0.0, clip_denoised=True, variance="auto", paper_form=False, check_finite=False,
-            num_classes=None, entropy_op=ops.softmax_entropy_scale, update_op=None,
-        )  # fmt: skip
+        self._policy = as_policy(policy)
 
     def original_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The original timesteps (int64) of what ADM passes as ``t``."""
@@ -79,12 +76,15 @@ class CondFn:
         if int(y.min()) < 0:
             raise ValueError(f"class id {int(y.min())} is negative")
         t_orig = self.original_timesteps(t)
-        with torch.inference_mode(False):
-            _, fused, grad, grad_norm, scale = guidance_pass(self._spec, x.float(), t, t_orig, y, int(y.max()))
-        self.last = StepRecord(t_orig, fused.entropy, scale, grad_norm, fused.log_prob.exp())
+        max_label = int(y.max())
+        with torch.inference_mode(False):  # the fused op dispatched at each call, as ADM's loops run eagerly
+            out = classifier_pass(self.classifier, x.float(), t, y, scale_args=self._policy.scale_args(),
+                                  check=functools.partial(check_labels, max_label))  # fmt: skip
+            scale = policy_scale(self._policy, out, GuidanceState.of(out, t_orig, self.num_timesteps))
+        self.last = StepRecord(t_orig, out.entropy, scale, out.grad_norm, out.log_prob.exp())
         if self.record:
             self.records.append(self.last)
-        return (grad * scale.view(-1, 1, 1, 1)).to(x.dtype)
+        return (out.grad.float() * scale.view(-1, 1, 1, 1)).to(x.dtype)
 
 
 def _timesteps_of(diffusion) -> tuple[int, bool]:
