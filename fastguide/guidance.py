@@ -95,12 +95,6 @@ def classifier_gradient(
     return ClassifierOutput(out.logits, out.log_prob, out.entropy, out.grad)
 
 
-def guidance_state(out: ClassifierOutput, t: torch.Tensor, num_timesteps: int) -> GuidanceState:
-    """Summarise a :func:`classifier_gradient` call for a policy: entropy, gradient norm, log p(y), original t."""
-    grad_norm = out.grad.float().flatten(1).norm(dim=1)
-    return GuidanceState(t, num_timesteps, out.logits.shape[-1], out.entropy, grad_norm, out.log_prob)
-
-
 class Policy:
     """Base of the shipped guidance policies: a policy is called on a :class:`GuidanceState` and returns the
     (B,) scale; this says how it is applied to one classifier pass, and how the command line knows it."""

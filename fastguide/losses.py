@@ -20,6 +20,7 @@ from .diffusion import model_variance, posterior_mean, predict_xstart_from_eps
 from .guidance import check_class_ids, entropy_from_log_probs
 from .schedule import Schedule, StepCoefficients
 
+
 class ECTTerms(NamedTuple):
     """Per-sample terms of the ECT objective."""
 

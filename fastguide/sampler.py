@@ -298,6 +298,7 @@ class GuidedSampler:
             model, classifier, schedule, policy, config
         )  # fmt: skip
         self.guided = not isinstance(policy, NoGuidance)
+        self._policy = as_policy(policy)  # how the step applies it (fastguide.guidance.Policy)
         self._runners: dict = {}
         self._estimates: dict[torch.device, cost.Estimate | None] = {}  # compile=None's weighing, per device
         self.image_shape = self._image_shape(model, classifier, image_shape)
@@ -423,7 +424,7 @@ class GuidedSampler:
             k = self.num_classes or 2
             entropy = ops.resolve("softmax_entropy_scale", torch.zeros(b, k, device=x.device), ones.long())
         return StepSpec(
-            model=self.model, classifier=self.classifier if self.guided else None, policy=as_policy(self.policy),
+            model=self.model, classifier=self.classifier if self.guided else None, policy=self._policy,
             num_timesteps=self.schedule.num_original_timesteps, class_cond=self.class_cond, method=cfg.method,
             eta=cfg.eta, clip_denoised=cfg.clip_denoised, variance=cfg.variance,
             paper_form=cfg.ddim_guidance == "paper", check_finite=cfg.check_finite, num_classes=self.num_classes,
@@ -622,7 +623,7 @@ class GuidedSampler:
 
     def _warn_entropy_floor(self, trace: SamplingTrace) -> None:
         """Once per run, what the policy has to say about the run's trace (EDS: an entropy below its floor)."""
-        warning = as_policy(self.policy).trace_warning(trace)
+        warning = self._policy.trace_warning(trace)
         if warning is not None:
             warnings.warn(warning, stacklevel=3)
 
