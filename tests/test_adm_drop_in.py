@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 from adm_reference import MISSING, adm_here
-from test_adm_parity import FOLDERS, _trajectory_cases, check_trajectory_against_float64, golden
+from golden_cases import FOLDERS, _trajectory_cases, check_trajectory_against_float64, golden
 
 import fastguide as fg
 from fastguide import ops
@@ -219,7 +219,7 @@ def test_an_adm_script_accelerated_and_compiled_is_one_graph_and_meets_the_float
 ):
     """The one-line change with the fast path on: ADM's own cond_fn and networks inside fastguide's compiled
     step (one graph, no recompilation, no eager fallback), every step under the float64 rule."""
-    from test_adm_parity import assert_float64_parity, here_runs
+    from golden_cases import assert_float64_parity, here_runs
 
     g = golden(folder)
     if g.f64 is None:

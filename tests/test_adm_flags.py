@@ -5,39 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import argparse
-import shlex
-
 import pytest
 import torch
 from adm_reference import MISSING
+from adm_sample_support import SAMPLE_DEFAULTS, adm_args, adm_build
 
 import fastguide as fg
 from fastguide.adm.flags import ADM_FLAGS, README_FLAGS, ModelFlags, SampleFlags, parse_flags
 
-SAMPLE_DEFAULTS = dict(clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False, model_path="",
-                       classifier_path="", classifier_scale=1.0)  # fmt: skip  scripts/classifier_sample.py's
-
 needs_adm = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
-
-
-def adm_args(text: str) -> argparse.Namespace:
-    """The flags as ADM's classifier_sample.py parses them (its own argparse helpers)."""
-    from guided_diffusion import script_util as su
-
-    defaults = {**SAMPLE_DEFAULTS, **su.model_and_diffusion_defaults(), **su.classifier_defaults()}
-    parser = argparse.ArgumentParser()
-    su.add_dict_to_argparser(parser, defaults)
-    return parser.parse_args(shlex.split(text))
-
-
-def adm_build(text: str):
-    from guided_diffusion import script_util as su
-
-    args = adm_args(text)
-    model, diffusion = su.create_model_and_diffusion(**su.args_to_dict(args, su.model_and_diffusion_defaults().keys()))
-    classifier = su.create_classifier(**su.args_to_dict(args, su.classifier_defaults().keys()))
-    return args, model, diffusion, classifier
 
 
 @needs_adm

@@ -10,37 +10,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from adm_reference import MISSING
+from adm_sample_support import FLAGS, NPZ, RUN, cli, load
 
 import fastguide as fg
 from fastguide.adm.flags import parse_flags
 from fastguide.cli import main
-
-FLAGS = (
-    "--image_size 64 --num_channels 32 --num_res_blocks 1 --attention_resolutions 32 --num_head_channels 16 "
-    "--class_cond True --learn_sigma True --channel_mult 1,2 --classifier_width 64 --classifier_depth 1 "
-    "--classifier_attention_resolutions 16,8"
-).split()
-RUN = ["--num_samples", "5", "--batch_size", "2", "--timestep_respacing", "ddim4", "--use_ddim", "True",
-       "--use_entropy_scale", "True", "--classifier_scale", "2", "--quiet"]  # fmt: skip
-NPZ = "samples_5x64x64x3.npz"
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """ADM-format checkpoints of the FLAGS networks, made by ADM's own code where it is installed."""
-    folder = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    if MISSING is None:
-        from test_adm_flags import adm_build
-
-        _, unet, _, classifier = adm_build(" ".join(FLAGS))
-    else:
-        flags = parse_flags(FLAGS)
-        unet, classifier = flags.model.build(), flags.classifier.build()
-    torch.save(unet.state_dict(), folder / "model.pt")
-    torch.save(classifier.state_dict(), folder / "classifier.pt")
-    return ["--model_path", str(folder / "model.pt"), "--classifier_path", str(folder / "classifier.pt")]
 
 
 def _env(**extra) -> dict:
@@ -54,20 +28,6 @@ def torchrun(nproc: int, out, checkpoints, *extra, env=None, restarts: int = 0):
            f"--max-restarts={restarts}", "-m", "fastguide", "adm-sample", *FLAGS, *checkpoints, *RUN,
            "--out", str(out), *extra]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), timeout=600)
-
-
-def cli(argv: list[str]) -> int:
-    """The exit status of ``fastguide ARGV`` (argparse's own errors exit through SystemExit)."""
-    try:
-        return main(argv)
-    except SystemExit as stop:
-        return stop.code
-
-
-def load(path):
-    with np.load(path) as f:
-        assert sorted(f.files) == ["arr_0", "arr_1"]
-        return f["arr_0"], f["arr_1"]
 
 
 def test_one_and_two_ranks_write_the_same_npz_also_after_a_rank_is_killed(tmp_path, checkpoints):

@@ -10,21 +10,10 @@ import pytest
 import torch
 
 import fastguide as fg
-from fastguide.adm import EncoderUNetModel, UNetModel
 from fastguide.classifier import classifier_pass
 from fastguide.generate import build_policy
-
-K = 4
-
-
-def nets():
-    torch.manual_seed(0)
-    unet = UNetModel(8, 3, 32, 6, 1, (2,), channel_mult=(1, 2), num_head_channels=16, num_classes=K)
-    clf = EncoderUNetModel(8, 3, 32, K, 1, (2,), channel_mult=(1, 2), num_head_channels=16, pool="attention")
-    with torch.no_grad():
-        for p in [*unet.parameters(), *clf.parameters()]:
-            p.normal_(0, 0.05)
-    return unet.eval(), clf.eval()
+from nets import K
+from nets import tiny_nets as nets
 
 
 def inputs():

@@ -12,8 +12,8 @@ import pytest
 
 from fastguide.cli import build_parser, main
 
+from adm_sample_support import FLAGS as ADM_FLAGS
 from faults import snapshot
-from test_adm_sample import FLAGS as ADM_FLAGS, checkpoints  # noqa: F401  (the fixture)
 
 OUT_FLAG = {"sample": "--out", "reproduce": "--out", "adm-sample": "--out", "train-classifier": "--out_dir",
             "train-diffusion": "--out_dir"}  # fmt: skip
@@ -123,7 +123,7 @@ BAD = {
 
 @pytest.mark.parametrize("command, args, named",
                          [pytest.param(c, a, n, id=f"{c} {' '.join(a)}") for c, cases in BAD.items() for a, n in cases])  # fmt: skip
-def test_bad_values_are_one_line_naming_them_and_leave_the_folder_as_it_was(tmp_path, capsys, checkpoints,  # noqa: F811
+def test_bad_values_are_one_line_naming_them_and_leave_the_folder_as_it_was(tmp_path, capsys, checkpoints,
                                                                              command, args, named):  # fmt: skip
     if command == "sample":
         args = [*TINY, *args]

@@ -15,9 +15,7 @@ import pytest
 import torch
 
 import fastguide as fg
-from fastguide.adm import EncoderUNetModel, UNetModel
-
-K = 4
+from nets import K, tiny_nets
 
 
 @pytest.fixture(autouse=True)
@@ -27,17 +25,6 @@ def aot_eager(monkeypatch):
     torch._dynamo.utils.counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
         yield
-
-
-def tiny_nets(learn_sigma=True, class_cond=True):
-    torch.manual_seed(0)
-    unet = UNetModel(8, 3, 32, 6 if learn_sigma else 3, 1, (2,), channel_mult=(1, 2), num_head_channels=16,
-                     num_classes=K if class_cond else None)  # fmt: skip
-    clf = EncoderUNetModel(8, 3, 32, K, 1, (2,), channel_mult=(1, 2), num_head_channels=16, pool="attention")
-    with torch.no_grad():
-        for p in [*unet.parameters(), *clf.parameters()]:
-            p.normal_(0, 0.05)
-    return unet.eval(), clf.eval()
 
 
 def sampler(policy=None, clf="tiny", compile=True, unet=None, **cfg):

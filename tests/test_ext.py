@@ -30,6 +30,7 @@ from op_contract import UpdateOpContract, update_inputs
 from fastguide.kernels.reference import (
     VARIANCE_CODES,
     guided_ddpm_update_ref,
+    softmax_entropy_scale_ref,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +124,23 @@ class TestExtCudaUpdates(UpdateOpContract):
     device = "cuda"
     ddpm = staticmethod(_ext.guided_ddpm_update)
     ddim = staticmethod(_ext.guided_ddim_update)
+
+
+def test_the_extension_refuses_the_entropy_op_and_forced_ext_dispatches_it_as_usual():
+    """The extension implements only the updates, so the entropy contract (op_contract.EntropyOpContract) has
+    no ext subclass: ops.explain gives ext's reason for refusing softmax_entropy_scale, and with ext forced
+    the op goes to the backend automatic dispatch picks (torch, for CPU tensors), the reference's result."""
+    logits, y = torch.randn(3, 7, generator=torch.Generator().manual_seed(0)), torch.tensor([6, 0, 2])
+    assert "softmax_entropy_scale" not in fg.ops.EXT_OPS and not hasattr(_ext, "softmax_entropy_scale"), (
+        "the extension has the entropy op now: run op_contract.EntropyOpContract on it")
+    reason = dict(fg.ops.explain("softmax_entropy_scale", logits, y))["ext"]
+    assert reason == ("the extension implements only the updates" if not NO_EXT
+                      else f"the extension fastguide._C is unavailable: {_ext.REASON}")  # fmt: skip
+    with fg.ops.use_backend("ext"):
+        assert fg.ops.choose("softmax_entropy_scale", logits, y) == "torch"
+        got = fg.ops.softmax_entropy_scale(logits, y, 2.0, 1e-6, 5.0)
+    for a, b in zip(got, softmax_entropy_scale_ref(logits, y, 2.0, 1e-6, 5.0)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 

@@ -12,8 +12,8 @@ import torch
 
 from fastguide.train.checkpoint import load_latest_checkpoint, remove_stale, write_checkpoint
 
+from adm_sample_support import FLAGS, NPZ, RUN, cli, load
 from faults import FileFaults, snapshot
-from test_adm_sample import FLAGS, NPZ, RUN, checkpoints, cli, load  # noqa: F401  (the fixture)
 
 
 def _write(root, step):
@@ -75,7 +75,7 @@ def test_a_checkpoint_write_killed_at_any_operation_resumes_from_a_complete_one(
     assert steps == {1, 2}
 
 
-def test_adm_sample_merge_with_an_error_at_any_operation_leaves_the_shards_or_the_npz(tmp_path, checkpoints):  # noqa: F811
+def test_adm_sample_merge_with_an_error_at_any_operation_leaves_the_shards_or_the_npz(tmp_path, checkpoints):
     args = ["adm-sample", *FLAGS, *checkpoints, *RUN]
     whole = tmp_path / "whole"
     assert cli([*args, "--out", str(whole)]) == 0

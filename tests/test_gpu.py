@@ -25,7 +25,7 @@ def full_float32():
 
 
 def _tiny():
-    from test_compile import tiny_nets
+    from nets import tiny_nets
 
     unet, clf = tiny_nets()
     return unet.cuda(), clf.cuda()
@@ -69,7 +69,7 @@ def test_bfloat16_on_the_gpu_stays_within_the_documented_tolerance():
 def test_golden_trajectories_on_the_gpu_meet_the_float64_rule(compile):
     import dataclasses
 
-    import test_adm_parity as P
+    import golden_cases as P
 
     g = P.golden(str(P.GOLDEN_ROOT / "adm_tiny"))
     for prefix in ("ddim_cond_eds", "ddpm_uncond_constant"):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import fastguide as fg
 from fastguide.kernels import softmax_entropy_scale_ref
 from fastguide.kernels.reference import guided_ddim_update_ref, guided_ddpm_update_ref
-from op_contract import UpdateOpContract
+from op_contract import EntropyOpContract, UpdateOpContract
 
 
 def _logits(b=6, k=9, seed=0):
@@ -78,3 +78,11 @@ class TestTorchReferenceUpdates(UpdateOpContract):
 
     ddpm = staticmethod(guided_ddpm_update_ref)
     ddim = staticmethod(guided_ddim_update_ref)
+
+
+class TestTorchReferenceEntropy(EntropyOpContract):
+    """The softmax–entropy–scale reference (the torch backend) through the shared contract, held to the same
+    rounding bound as every kernel."""
+
+    op = staticmethod(softmax_entropy_scale_ref)
+    backend = "torch"

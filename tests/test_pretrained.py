@@ -9,7 +9,7 @@ import torch
 from fastguide.pretrained import load_run
 from fastguide.train.data import mnist5k
 from fastguide.train.tasks import DEFAULT_UNET, ClassifierTrainConfig, DiffusionTrainConfig, train_classifier, train_diffusion
-from test_train import TINY_CLF, _Sized
+from train_support import TINY_CLF, _Sized
 
 
 @pytest.fixture(scope="module")

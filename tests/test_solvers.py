@@ -17,7 +17,7 @@ import types
 
 import pytest
 import torch
-from test_adm_parity import assert_float64_parity, rel_err
+from golden_cases import assert_float64_parity, rel_err
 
 import fastguide as fg
 from fastguide.adm.flags import ClassifierFlags, ModelFlags

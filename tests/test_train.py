@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler
 
-from fastguide.adm import ClassifierFlags
 from fastguide.schedule import Schedule
 from fastguide.train import checkpoint as ckpt
 from fastguide.train.data import mnist5k
@@ -28,20 +27,12 @@ from fastguide.train.distributed import DistState
 from fastguide.train.loop import draw_step_noise
 from fastguide.losses import q_sample
 from fastguide.train.tasks import (
-    DEFAULT_UNET,
     ClassifierTrainConfig,
     DiffusionTrainConfig,
     train_classifier,
     train_diffusion,
 )
-
-TINY_CLF = ClassifierFlags(
-    image_size=32, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="8",
-    channel_mult="1,2", in_channels=1, num_classes=10, num_head_channels=32,
-)  # fmt: skip
-TINY_UNET = dataclasses.replace(
-    DEFAULT_UNET, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="16"
-)
+from train_support import TINY_CLF, TINY_UNET, _Sized
 
 
 @pytest.fixture(scope="module")
@@ -49,21 +40,6 @@ def small_sets():
     """A 64-image training subset of MNIST 5k and a 40-image held-out subset (fast)."""
     train, val = mnist5k("train"), mnist5k("heldout")
     return torch.utils.data.Subset(train, range(64)), torch.utils.data.Subset(val, range(40))
-
-
-class _Sized(torch.utils.data.Dataset):
-    """A Subset that keeps the dataset attributes the trainer reads (channels, num_classes)."""
-
-    def __init__(self, subset):
-        self.subset = subset
-        base = subset.dataset
-        self.channels, self.num_classes, self.image_size = base.channels, base.num_classes, base.image_size
-
-    def __len__(self):
-        return len(self.subset)
-
-    def __getitem__(self, i):
-        return self.subset[i]
 
 
 def clf_config(tmp_path, **kw) -> ClassifierTrainConfig:

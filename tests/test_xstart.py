@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from adm_reference import MISSING, adm_here
-from test_adm_parity import FOLDERS, golden
+from golden_cases import FOLDERS, golden
 
 import fastguide as fg
 from fastguide import ops
