@@ -70,7 +70,7 @@ setup(
     entry_points={"console_scripts": ["fastguide=fastguide.cli:main"]},
     extras_require={
         # guided-diffusion-sdk: openai/guided-diffusion (ADM) itself, the peer the parity tests run beside fastguide;
-        # diffusers: the DPM-Solver++(2M) and UniPC schedulers that fastguide.solvers is checked against
+        # diffusers: the DPM-Solver++(2M/3M) and UniPC schedulers that fastguide.solvers is checked against
         "test": ["pytest", "pytest-benchmark", "triton; platform_system == \"Linux\"", "guided-diffusion-sdk",
                  "diffusers"],
     },

@@ -1,5 +1,5 @@
 """Whole guided runs on the embedded models (CADM + ECT classifier, EDS γ = 3, 16 samples): DDIM-25 against
-UniPC-10 and DPM-Solver++(2M)-10, and the classifier called at every 2nd step only. Ratios come from
+UniPC-10, DPM-Solver++(2M)-10 and DPM-Solver++(3M)-10, and the classifier called at every 2nd step only. Ratios come from
 one ``pytest benchmarks/test_bench_solvers.py --benchmark-only`` run (compare the rows side by side); the
 quality each costs is in docs/results/solvers (scripts/solver_study.py). Quick mode (benchmarks/conftest.py):
 2 samples, one round."""
@@ -14,6 +14,7 @@ RUNS = {
     "ddim-25": ("ddim", "25", {}),
     "ddim-25-every-2nd": ("ddim", "25", {"guidance_every": 2}),
     "dpmpp2m-10": ("dpmpp2m", "10", {}),
+    "dpmpp3m-10": ("dpmpp3m", "10", {}),
     "unipc-10": ("unipc", "10", {}),
     "unipc-10-every-2nd": ("unipc", "10", {"guidance_every": 2}),
 }

@@ -37,6 +37,7 @@ def add_adm_sample_command(sub) -> None:
     from .adm.flags import ADM_FLAGS
     from .generate import add_fast_path_arguments
     from .guidance import POLICIES
+    from .solvers import SOLVERS
 
     p = sub.add_parser(
         "adm-sample", allow_abbrev=False,
@@ -57,9 +58,10 @@ def add_adm_sample_command(sub) -> None:
     p.add_argument("--policy", default="auto", choices=["auto", *sorted(POLICIES)],
                    help="guidance policy, its strength --classifier_scale (default: auto = eds with "
                    "--use_entropy_scale True, else ADM's constant scale)")  # fmt: skip
-    p.add_argument("--method", default="auto", choices=["auto", "ddim", "ddpm", "dpmpp2m", "unipc"],
-                   help="sampler: auto = ADM's (--use_ddim), or dpmpp2m (DPM-Solver++(2M)) / unipc (UniPC-bh2) on "
-                   "the chain --timestep_respacing gives, e.g. 15 (default: auto)")  # fmt: skip
+    p.add_argument("--method", default="auto", choices=["auto", *SOLVERS],
+                   help="sampler: auto = ADM's (--use_ddim), or "
+                   f"{' / '.join(f'{n} ({s.label})' for n, s in SOLVERS.items() if s.multistep)} on the chain "
+                   "--timestep_respacing gives, e.g. 15 (default: auto)")  # fmt: skip
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed SEED + i (default: 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],

@@ -23,7 +23,7 @@ import numpy as np
 from .files import atomic_write, check_disk_space, check_output_folder, folder_lock, make_temp_dir, try_lock
 from .generate import add_guidance_schedule_arguments, sampler_options
 from .guidance import POLICIES
-from .sampler import METHODS
+from .solvers import SOLVERS
 
 DEFAULT_OUT = "fastguide-out"
 MAX_GRAD_MAPS = 16  # samples in the gradient-map figure (its height grows with them)
@@ -70,10 +70,11 @@ def add_sample_command(sub) -> None:
                    f"{default_gamma(False):g} for an unconditional one), s for constant, C/c for the others")  # fmt: skip
     p.add_argument("--threshold", type=float, default=None, help="gradient-norm policy: the norm bound M")
     p.add_argument("--t_max", type=int, default=None, help="constant-range policy: last t that gets c")
-    p.add_argument("--method", default="ddim", choices=list(METHODS),
-                   help="sampler: ddim, ddpm, dpmpp2m (DPM-Solver++(2M)) or unipc (UniPC-bh2) (default: ddim)")  # fmt: skip
+    p.add_argument("--method", default="ddim", choices=list(SOLVERS),
+                   help=f"sampler: {', '.join(f'{n} ({s.label})' for n, s in SOLVERS.items())} (default: ddim)")  # fmt: skip
     p.add_argument("--respacing", default=None,
-                   help="ADM timestep_respacing (default: ddim25 for ddim, 250 for ddpm, 15 for dpmpp2m and unipc)")  # fmt: skip
+                   help="ADM timestep_respacing (default: "
+                   f"{', '.join(f'{s.default_respacing} for {n}' for n, s in SOLVERS.items())})")  # fmt: skip
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
     add_guidance_schedule_arguments(p)
     p.add_argument("--batch_size", type=int, default=100, help="samples per batch (default: 100)")
@@ -109,8 +110,6 @@ def _sample_plan(args) -> dict:
         for name, value, default in (("--scale", args.scale, None), ("--grad_maps", args.grad_maps, 0)):
             if value != default:
                 raise ValueError(f"{name} {value} has no effect with --policy none")
-    if args.method != "ddim" and args.eta != 0:
-        raise ValueError(f"--eta {args.eta} applies to --method ddim only, not {args.method}")
     if not guided:
         for name in ("guidance_every", "guidance_interval"):
             if getattr(args, name) is not None:

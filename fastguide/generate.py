@@ -25,10 +25,11 @@ from .guidance import POLICIES, GuidancePolicy, NoGuidance, classifier_gradient
 from .images import to_uint8
 from .sampler import GuidedSampler, SamplerConfig
 from .schedule import Schedule
+from .solvers import SOLVERS, names
 
 MODELS = {"cond": "cadm", "uncond": "uadm"}
 CLASSIFIERS = {"ect": "classifier_ect", "ce": "classifier_ce"}
-DEFAULT_RESPACING = {"ddim": "ddim25", "ddpm": "250", "dpmpp2m": "15", "unipc": "15"}
+DEFAULT_RESPACING = {name: solver.default_respacing for name, solver in SOLVERS.items()}  # the solvers' own
 
 
 def add_fast_path_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,7 +64,8 @@ def add_guidance_schedule_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance_interval", default=None, metavar="LO,HI",
                    help="guide only at original timesteps LO..HI (inclusive; default: all)")  # fmt: skip
     p.add_argument("--dynamic_threshold", type=float, default=None, metavar="Q",
-                   help="dpmpp2m/unipc: threshold x0 at the Q quantile of |x0| (Imagen; at most 1.5) instead of "
+                   help=f"{'/'.join(names(takes_threshold=True))}: threshold x0 at the Q quantile of |x0| (Imagen; "
+                   "at most 1.5) instead of "
                    "clipping to [-1, 1] (default: clip)")  # fmt: skip
 
 

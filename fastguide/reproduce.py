@@ -27,13 +27,20 @@ from .files import atomic_write, atomic_write_csv
 from .evaluation import DEFAULT_EVAL_NET, EVAL_NETS
 from .generate import DEFAULT_RESPACING, add_fast_path_arguments
 from .guidance import POLICIES
+from .solvers import METHODS, SOLVERS, Multistep
 
 MODELS = ("uncond", "cond")
 CLASSIFIERS = ("ce", "ect")
 SAMPLERS = ("ddim", "ddpm")  # the paper's grid; the multistep solvers can be added (--samplers)
-METHOD_CHOICES = ("ddim", "ddpm", "dpmpp2m", "unipc")
+METHOD_CHOICES = METHODS
 RESPACING = DEFAULT_RESPACING  # the paper's DDIM-25 and DDPM-250; 15 steps for DPM-Solver++(2M) and UniPC
-QUICK_RESPACING = {"ddim": "ddim10", "ddpm": "25", "dpmpp2m": "10", "unipc": "10"}
+QUICK_RESPACING = {name: solver.quick_respacing for name, solver in SOLVERS.items()}
+
+
+def respacing_flag(method: str) -> str:
+    """The option that sets ``method``'s respacing: --solver_respacing for every multistep solver, else
+    --<method>_respacing."""
+    return "solver_respacing" if SOLVERS[method].multistep else f"{method}_respacing"
 POLICY_ORDER = tuple(POLICIES)  # the results table's order: the registry's
 
 # strengths swept per policy (each policy's ``sweep``): s (constant), c (constant-range with base s = 1,
@@ -93,15 +100,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_samples", type=int, default=None, help="samples per run (default: 150; --quick: 100)")
     p.add_argument("--samplers", "--method", dest="samplers", default=",".join(SAMPLERS),
                    help=f"comma list of {list(METHOD_CHOICES)} (default: {','.join(SAMPLERS)})")  # fmt: skip
-    p.add_argument("--ddim_respacing", default=None, help="respacing of the DDIM runs (default: ddim25; --quick: ddim10)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
     p.add_argument("--classifiers", default=",".join(CLASSIFIERS), help=f"comma list of {list(CLASSIFIERS)}")
     p.add_argument("--policies", default=",".join(POLICY_ORDER),
                    help=f"comma list of {list(POLICY_ORDER)} (none: the unguided baseline; default: all)")  # fmt: skip
-    p.add_argument("--ddpm_respacing", default=None,
-                   help="respacing of the DDPM runs (default: 250; --quick: 25)")  # fmt: skip
-    p.add_argument("--solver_respacing", default=None,
-                   help="respacing of the dpmpp2m and unipc runs (default: 15; --quick: 10)")  # fmt: skip
+    for name, solver in SOLVERS.items():
+        if not solver.multistep:
+            p.add_argument(f"--{respacing_flag(name)}", default=None, help=f"respacing of the {solver.label} runs "
+                           f"(default: {solver.default_respacing}; --quick: {solver.quick_respacing})")  # fmt: skip
+    multistep = [name for name, solver in SOLVERS.items() if solver.multistep]
+    p.add_argument("--solver_respacing", default=None, help=f"respacing of the {' and '.join(multistep)} runs "
+                   f"(default: {Multistep.default_respacing}; --quick: {Multistep.quick_respacing})")  # fmt: skip
     p.add_argument("--batch_size", type=int, default=250, help="samples per batch (default: 250)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.csv")
@@ -212,8 +221,7 @@ def run(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
     defaults = QUICK_RESPACING if args.quick else RESPACING
-    given = {"ddim": args.ddim_respacing, "ddpm": args.ddpm_respacing, "dpmpp2m": args.solver_respacing,
-             "unipc": args.solver_respacing}  # "" is ADM's: every step  # fmt: skip
+    given = {m: getattr(args, respacing_flag(m)) for m in METHODS}  # "" is ADM's: every step
     respacing = {m: defaults[m] if given[m] is None else given[m] for m in given}
     steps = {m: Schedule.create("linear", 1000, respacing[m]).num_steps for m in samplers}  # checks respacing
     names = {method: f"{method}-{steps[method]}" for method in samplers}

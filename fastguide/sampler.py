@@ -39,20 +39,19 @@ from .classifier import differentiates_parameters
 from .guidance import EntropyDriven, GuidancePolicy, NoGuidance, as_policy
 from .noise import FixedNoise, GlobalNoise, PerSampleNoise
 from .schedule import Schedule
-from .solvers import MULTISTEP, Carry
+from .solvers import SOLVERS, Carry, names
 from .step import (
     CHECKS, StepRecord, StepSpec, StepTables, fault_location, first_fault, guidance_plan,
     guided_step, nonfinite_code,
 )  # fmt: skip
-
-METHODS = ("ddpm", "ddim", *MULTISTEP)
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     """How to sample (everything but the networks, the schedule and the policy)."""
 
-    method: str = "ddim"  # "ddpm" (ancestral), "ddim", "dpmpp2m" (DPM-Solver++(2M)) or "unipc" (UniPC-bh2)
+    method: str = "ddim"  # a registered solver (fastguide.solvers.SOLVERS): "ddpm" (ancestral), "ddim",
+    # "dpmpp2m" (DPM-Solver++(2M)) or "unipc" (UniPC-bh2)
     eta: float = 0.0  # DDIM stochasticity; 0 = deterministic
     clip_denoised: bool = True  # clip x̂_0 to [-1, 1]
     dynamic_threshold: float | None = None  # dpmpp2m/unipc: threshold x̂0 at this quantile of |x̂0| (Imagen)
@@ -74,8 +73,9 @@ class SamplerConfig:
     # the run length compile=None weighs on the CPU; None: the first call's samples
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.method not in SOLVERS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {tuple(SOLVERS)}")
+        solver = SOLVERS[self.method]
         # a string such as "no" or "False" is truthy
         for name in ("clip_denoised", "check_finite", "progress", "flush_denormals"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
@@ -84,11 +84,13 @@ class SamplerConfig:
         if not _number(self.eta, (numbers.Real,)) or not (math.isfinite(self.eta) and 0 <= self.eta <= 1):
             # eta > 1 makes 1 − ᾱ_{t−1} − σ² negative in the DDIM update
             raise ValueError(f"eta must be in [0, 1], got {self.eta!r}")
-        if self.eta != 0 and self.method != "ddim":
-            raise ValueError(f"eta={self.eta!r} applies to method 'ddim' only, not {self.method!r}")
+        if self.eta != 0 and not solver.takes_eta:
+            takers = " or ".join(map(repr, names(takes_eta=True)))
+            raise ValueError(f"eta={self.eta!r} applies to method {takers} only, not {self.method!r}")
         if self.dynamic_threshold is not None:
-            if self.method not in MULTISTEP:
-                raise ValueError(f"dynamic_threshold applies to {MULTISTEP}, not method {self.method!r}")
+            if not solver.takes_threshold:
+                raise ValueError(f"dynamic_threshold applies to {names(takes_threshold=True)}, not method "
+                                 f"{self.method!r}")  # fmt: skip
             if not (_number(self.dynamic_threshold) and 0 < self.dynamic_threshold <= 1):
                 raise ValueError(f"dynamic_threshold must be a quantile in (0, 1], got {self.dynamic_threshold!r}")
             if not self.clip_denoised:
@@ -121,8 +123,9 @@ class SamplerConfig:
 
     @property
     def draws_noise(self) -> bool:
-        """Whether a step takes fresh noise: DDPM, and DDIM with eta > 0."""
-        return self.method == "ddpm" or self.eta > 0
+        """Whether a step takes fresh noise (the solver's :meth:`~fastguide.solvers.Solver.draws_noise`: DDPM,
+        and DDIM with eta > 0)."""
+        return SOLVERS[self.method].draws_noise(self)
 
     def guidance_plan(self, schedule: Schedule) -> list[str]:
         """What each step of ``schedule`` (noisiest first) does with the classifier, from
@@ -413,23 +416,16 @@ class GuidedSampler:
         b = x.shape[0]
         ones = torch.ones(b, device=x.device)
         coefs = self.schedule.coefficients(torch.zeros(b, dtype=torch.long, device=x.device))
-        if cfg.method in MULTISTEP:
-            update = None  # the solvers' update is plain torch (fastguide.solvers), fused by torch.compile
-        elif cfg.method == "ddim":
-            update = ops.resolve("guided_ddim_update", x, x, x, ones, x, coefs, ones, cfg.eta, True, False)
-        else:
-            update = ops.resolve("guided_ddpm_update", x, x, x, x, ones, x, coefs, ones, 0, True)
+        solver = SOLVERS[cfg.method].from_config(cfg, x, coefs, ones)
         entropy = None
         if self.guided:
             k = self.num_classes or 2
             entropy = ops.resolve("softmax_entropy_scale", torch.zeros(b, k, device=x.device), ones.long())
         return StepSpec(
             model=self.model, classifier=self.classifier if self.guided else None, policy=self._policy,
-            num_timesteps=self.schedule.num_original_timesteps, class_cond=self.class_cond, method=cfg.method,
-            eta=cfg.eta, clip_denoised=cfg.clip_denoised, variance=cfg.variance,
-            paper_form=cfg.ddim_guidance == "paper", check_finite=cfg.check_finite, num_classes=self.num_classes,
-            entropy_op=entropy, update_op=update, autocast=fast.autocast, channels_last=fast.channels_last,
-            cond_fn=self.cond_fn, dynamic_threshold=cfg.dynamic_threshold, threshold_max=cfg.threshold_max,
+            num_timesteps=self.schedule.num_original_timesteps, class_cond=self.class_cond, solver=solver,
+            check_finite=cfg.check_finite, num_classes=self.num_classes, entropy_op=entropy,
+            autocast=fast.autocast, channels_last=fast.channels_last, cond_fn=self.cond_fn,
         )  # fmt: skip
 
     def fast_path(self, device: torch.device | str, samples: int | None = None) -> FastPath:
@@ -506,7 +502,7 @@ class GuidedSampler:
         for a non-finite value, as :meth:`sample` does after its loop. DDPM and DDIM only: a multistep
         solver's step depends on the steps before it (use :meth:`sample` or :meth:`steps`).
         """
-        if self.config.method in MULTISTEP:
+        if SOLVERS[self.config.method].multistep:
             raise ValueError(
                 f"step() takes one step from any index, which the multistep solver {self.config.method!r} cannot "
                 "(it needs the previous steps): use sample() or steps()")  # fmt: skip

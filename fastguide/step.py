@@ -3,8 +3,8 @@
     x_t ─► eps-model(x_t, t) ─► (ε, v)
     x_t ─► classifier(x_t, t) ─► logits ─► softmax–entropy–scale ─► d log p(y)/d logits ─► ∇x log p(y|x_t)
         ─► policy (EDS: the fused op's own scale) ─► s           (fastguide.classifier, fastguide.guidance)
-    (x_t, ε, v, s, ∇, z) ─► guided DDPM/DDIM update ─► x_{t−1}
-    (or ε − sqrt(1−ᾱ)·s·∇ ─► DPM-Solver++(2M)/UniPC update with the carried history, fastguide.solvers)
+    (x_t, ε, v, s, ∇, z) ─► the solver's step (fastguide.solvers: the fused DDPM/DDIM update, or a
+        multistep update with the carried history) ─► x_{t−1}
 
 :func:`guided_step` has no host syncs and no Python branch on a tensor's value: the schedule is
 gathered from device tables by index, and non-finite values are not raised but reported per sample
@@ -25,9 +25,8 @@ import torch
 from .classifier import ClassifierPass, check_labels, classifier_pass, network_input
 from .diffusion import StepOutput
 from .guidance import GuidanceState, Policy, policy_scale
-from .kernels.reference import VARIANCE_CODES
-from .schedule import Schedule, StepCoefficients
-from .solvers import MULTISTEP, Carry, multistep_table, multistep_update
+from .schedule import Schedule
+from .solvers import SOLVERS, Carry, Solver, StepInputs
 
 # what each row of a step's status tensor reports (in the order a fault is looked for within a step)
 CHECKS = ("eps-model output", "classifier logits", "guidance scale", "classifier gradient", "guided update")
@@ -52,43 +51,37 @@ class StepTables(NamedTuple):
     coefs: torch.Tensor  # (N, NUM_COEFS) float32 coefficient rows (kernels.reference.COEF_FIELDS)
     t_model: torch.Tensor  # (N,) what the networks see (original t, or rescaled to 0..1000)
     t_orig: torch.Tensor  # (N,) int64 original timesteps
-    solver: torch.Tensor | None = None  # (N, len(SOLVER_FIELDS)) multistep coefficient rows (solvers.py)
+    solver: torch.Tensor | None = None  # (N, F) the solver's own coefficient rows (Solver.table), or None
 
     @classmethod
     def of(cls, schedule: Schedule, device: torch.device, method: str = "ddim") -> StepTables:
         every = torch.arange(schedule.num_steps)
+        table = SOLVERS[method].table(schedule)
         return cls(
             schedule.coefficients(every).to(device),
             schedule.model_timesteps(every).to(device),
             schedule.original_timesteps(every).to(device),
-            multistep_table(schedule, method).to(device) if method in MULTISTEP else None,
+            None if table is None else table.to(device),
         )
 
 
 @dataclass(frozen=True, eq=False)
 class StepSpec:
-    """Everything about a step that is not a tensor: networks, policy, update and the resolved ops."""
+    """Everything about a step that is not a tensor: networks, policy, solver and the resolved ops."""
 
     model: Callable[..., torch.Tensor]  # eps-model (x, t[, y=]) -> (B, C or 2C, H, W)
     classifier: Callable[..., torch.Tensor] | None  # (x, t) -> (B, K) logits; None: unguided
     policy: Policy  # guidance-scale policy (fastguide.guidance.as_policy of the user's)
     num_timesteps: int  # T of the original schedule (for the policies)
     class_cond: bool  # whether the eps-model takes y
-    method: str  # "ddpm", "ddim", or a multistep solver ("dpmpp2m", "unipc")
-    eta: float  # DDIM stochasticity
-    clip_denoised: bool  # clip x̂0 to [-1, 1]
-    variance: str  # DDPM variance, or "auto" (learned range for 2C outputs, else fixed large)
-    paper_form: bool  # DDIM guidance ε − s∇ (Alg. 1) instead of ADM's ε − sqrt(1−ᾱ)·s∇
+    solver: Solver  # the method, its settings and its resolved ops (fastguide.solvers)
     check_finite: bool  # report non-finite network outputs (the scale is always checked)
     num_classes: int | None  # K the classifier must return, if known
     entropy_op: Callable | None  # the resolved softmax_entropy_scale op
-    update_op: Callable  # the resolved guided_ddpm_update or guided_ddim_update op
     autocast: torch.dtype | None = None  # run the networks under autocast to this dtype
     channels_last: bool = False  # feed the networks channels-last images
     cond_fn: Callable[..., torch.Tensor] | None = None  # instead of classifier and policy: ADM's cond_fn
     #   (x, t, y=) -> s·∇x log p(y|x_t), applied with scale 1 as ADM's loops apply it
-    dynamic_threshold: float | None = None  # multistep solvers: dynamic thresholding's quantile of |x̂0|
-    threshold_max: float = 1.0  # its largest threshold
 
 
 def _networks(spec: StepSpec, x: torch.Tensor):
@@ -203,29 +196,8 @@ def guided_step(
         status = [eps_status, logit_status.to(torch.int8), scale_status, grad_status]
     if grad is not None and guidance == "call":
         carry = carry._replace(scale=scale, grad=grad)
-    if spec.method in MULTISTEP:
-        c = StepCoefficients.of(coefs)
-        if grad is not None:
-            weight = scale.view(-1, 1, 1, 1)
-            if not spec.paper_form:  # sqrt(1 − ᾱ) as sqrt(1/ᾱ − 1)/sqrt(1/ᾱ), without cancellation
-                weight = weight * (c.sqrt_recipm1_alpha_bar / c.sqrt_recip_alpha_bar)
-            eps = eps - weight * grad
-        x_prev, xstart, corrected = multistep_update(
-            x, eps, (c.sqrt_recip_alpha_bar, c.sqrt_recipm1_alpha_bar), tables.solver[index],
-            carry, spec.clip_denoised, spec.dynamic_threshold, spec.threshold_max,
-        )  # fmt: skip
-        carry = carry._replace(d1=xstart, d2=carry.d1, x_last=corrected)
-    elif spec.method == "ddim":
-        x_prev, xstart = spec.update_op(
-            x, eps, grad, scale, noise, coefs, nonzero, spec.eta, spec.clip_denoised, spec.paper_form
-        )
-    else:
-        variance = spec.variance if spec.variance != "auto" else ("fixed_large" if v is None else "learned_range")
-        if variance.startswith("learned") and v is None:
-            raise ValueError(f"variance {variance!r} needs a model with 2C output channels (eps and v)")
-        x_prev, xstart = spec.update_op(
-            x, eps, v, grad, scale, noise, coefs, nonzero, VARIANCE_CODES[variance], spec.clip_denoised
-        )
+    row = None if tables.solver is None else tables.solver[index]
+    x_prev, xstart, carry = spec.solver.step(StepInputs(x, eps, v, grad, scale, noise, coefs, row, nonzero), carry)
     # a finite scale and gradient whose product overflows float32 show here, not as the next step's eps-model
     update_status = nonfinite_code(x_prev) if spec.check_finite else zeros
     return StepOutput(x_prev, xstart), record, torch.stack([*status, update_status]), carry

@@ -27,10 +27,11 @@ import torch
 from fastguide.evaluation import Evaluator
 from fastguide.files import atomic_write, atomic_write_csv
 from fastguide.generate import build_policy, generate, load_networks, make_sampler
+from fastguide.solvers import SOLVERS
 
 STEPS = (5, 10, 15, 25)
 METHODS = ("ddim", "dpmpp2m", "unipc")
-NAMES = {"ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)", "unipc": "UniPC"}
+NAMES = {method: SOLVERS[method].label for method in METHODS}
 # constant s: the best constant of the DDIM-25 grid with the ECT classifier (the eps-models' grid of 2026-11-26;
 # the v-prediction models' grid has the same best constants); EDS γ = 3: fastguide sample's default until
 # 2026-11-30 (since then 1 for a class-conditional UNet)

@@ -91,7 +91,7 @@ def test_sample_is_the_library_sampler_with_the_same_seeds(tmp_path):
         (["--guidance_interval", "900,100"], "guidance_interval must be two original timesteps (lo, hi) with 0 <= lo"),
         (["--guidance_interval", "980,990"], "guidance_interval (980, 990) contains none of the chain's timesteps"),
         (["--method", "unipc", "--dynamic_threshold", "2"], "dynamic_threshold must be a quantile in (0, 1], got 2.0"),
-        (["--dynamic_threshold", "0.99"], "dynamic_threshold applies to ('dpmpp2m', 'unipc'), not method 'ddim'"),
+        (["--dynamic_threshold", "0.99"], "dynamic_threshold applies to ('dpmpp2m', 'unipc', 'dpmpp3m'), not method 'ddim'"),
     ],
 )
 def test_bad_sample_input_is_one_line_and_writes_nothing(tmp_path, capsys, args, message):
@@ -149,8 +149,9 @@ def test_argparse_errors_are_one_line_too(tmp_path, capsys, args):
     [
         (["--policy", "none", "--grad_maps", "2"], "--grad_maps 2 has no effect with --policy none"),
         (["--policy", "none", "--scale", "3"], "--scale 3.0 has no effect"),
-        (["--method", "ddpm", "--eta", "0.5"], "--eta 0.5 applies to --method ddim only, not ddpm"),
-        (["--method", "unipc", "--eta", "0.5"], "--eta 0.5 applies to --method ddim only, not unipc"),
+        # the library's message: the CLI does not check again what SamplerConfig checks
+        (["--method", "ddpm", "--eta", "0.5"], "eta=0.5 applies to method 'ddim' only, not 'ddpm'"),
+        (["--method", "unipc", "--eta", "0.5"], "eta=0.5 applies to method 'ddim' only, not 'unipc'"),
         (["--policy", "none", "--guidance_every", "2"], "--guidance_every 2 has no effect with --policy none"),
         (["--grad_maps", "17"], "--grad_maps must be between 0 and 16"),
         (["--model", "ect"], "--model 'ect' is neither"),

@@ -1,4 +1,4 @@
-"""DPM-Solver++(2M) and UniPC (fastguide.solvers) against diffusers' schedulers and a float64 run.
+"""DPM-Solver++(2M), UniPC and DPM-Solver++(3M) (fastguide.solvers) against diffusers' schedulers and a float64 run.
 
 * Guidance off: fastguide's float32 trajectory follows diffusers' ``DPMSolverMultistepScheduler`` /
   ``UniPCMultistepScheduler`` step by step on the same eps-model (a small ADM UNet with learned sigma,
@@ -28,7 +28,9 @@ from fastguide.step import guidance_plan
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (setup.py's test extra)")
 
 STEPS = 10
-SCHEDULERS = {"dpmpp2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}
+SCHEDULERS = {"dpmpp2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler",
+              "dpmpp3m": "DPMSolverMultistepScheduler"}
+SOLVER_ORDER = {"dpmpp3m": 3}  # diffusers' solver_order (else 2)
 
 
 def _randomised(net: torch.nn.Module, seed: int, gain: float) -> torch.nn.Module:
@@ -73,9 +75,9 @@ def _x_T(batch: int = 3) -> torch.Tensor:
     return torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(7))
 
 
-def _schedule(timesteps=None) -> fg.Schedule:
-    """The linear schedule kept at ``timesteps`` (default: DDIM's stride, range(0, 1000, 100))."""
-    kept = range(0, 1000, 1000 // STEPS) if timesteps is None else timesteps
+def _schedule(timesteps=None, steps=STEPS) -> fg.Schedule:
+    """The linear schedule kept at ``timesteps`` (default: DDIM's stride, range(0, 1000, 1000 // steps))."""
+    kept = range(0, 1000, 1000 // steps) if timesteps is None else timesteps
     return fg.Schedule.respaced(linear_betas(1000), list(kept))
 
 
@@ -88,18 +90,18 @@ def _fastguide(unet, clf, method, policy=None, x_T=None, schedule=None, **config
     return [out.x_prev for _, out, _ in run]
 
 
-def _diffusers_scheduler(method, **options):
+def _diffusers_scheduler(method, steps=STEPS, **options):
     scheduler = getattr(diffusers, SCHEDULERS[method])(
         num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="leading", steps_offset=0,
-        solver_order=2, lower_order_final=True, final_sigmas_type="zero", **options,
+        solver_order=SOLVER_ORDER.get(method, 2), lower_order_final=True, final_sigmas_type="zero", **options,
     )  # fmt: skip
-    scheduler.set_timesteps(STEPS)
+    scheduler.set_timesteps(steps)
     return scheduler
 
 
-def _diffusers(unet, method, x_T, **options) -> list[torch.Tensor]:
+def _diffusers(unet, method, x_T, steps=STEPS, **options) -> list[torch.Tensor]:
     """diffusers' scheduler and the same eps-model: the sample after every step."""
-    scheduler = _diffusers_scheduler(method, **options)
+    scheduler = _diffusers_scheduler(method, steps, **options)
     x, out = x_T.clone(), []
     with torch.no_grad():
         for t in scheduler.timesteps:
@@ -127,8 +129,9 @@ def _f64(net: torch.nn.Module) -> torch.nn.Module:
 
 def _reference(unet, clf, method, x_T, y, gamma=None, clip=True, plan=None, paper_form=False, schedule=None
                ) -> list[torch.Tensor]:  # fmt: skip
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, multistep) or UniPC-bh2 (Zhao et al. 2023: UniP-p with
-    UniC-p, ρ from their linear system), in x's dtype, with EDS guidance as ADM's DDIM applies it."""
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, multistep), DPM-Solver++(3M) (ibid., the third-order
+    multistep update, :func:`_dpm3`) or UniPC-bh2 (Zhao et al. 2023: UniP-p with UniC-p, ρ from their linear
+    system), in x's dtype, with EDS guidance as ADM's DDIM applies it."""
     schedule = schedule or _schedule()
     ts = list(reversed(schedule.timestep_map))
     ab = schedule.table("alpha_bar").flip(0).to(x_T.dtype)
@@ -161,10 +164,32 @@ def _reference(unet, clf, method, x_T, y, gamma=None, clip=True, plan=None, pape
         x_prev = x
         if k == n - 1:  # to σ = 0: the data prediction itself
             x = x0
+        elif method == "dpmpp3m":
+            x = _dpm3(x, x0s, alpha[k + 1], sigma[k + 1], sigma[k], lam, k, n)
         else:
             x = _uni(x, x0s, None, alpha[k + 1], sigma[k + 1], sigma[k], lam, k + 1, predictor_order(k, n), False)
         traj.append(x)
     return traj
+
+
+def _dpm3(x, x0s, alpha_t, sigma_t, sigma_s, lam, k, n):
+    """DPM-Solver++(3M) from grid point k to k+1, of order 1 at the first step, 2 at the second (and the
+    second-to-last of fewer than 15), else 3, with first and second differences of the last three x̂0."""
+    h = lam[k + 1] - lam[k]
+    em1 = torch.expm1(-h)
+    m0 = x0s[-1]
+    out = sigma_t / sigma_s * x - alpha_t * em1 * m0
+    order = 1 if k == 0 else 2 if k == 1 or (k == n - 2 and n < 15) else 3
+    if order == 1:
+        return out
+    r0 = (lam[k] - lam[k - 1]) / h
+    d1_0 = (m0 - x0s[-2]) / r0
+    if order == 2:
+        return out - 0.5 * alpha_t * em1 * d1_0
+    r1 = (lam[k - 1] - lam[k - 2]) / h
+    d1_1 = (x0s[-2] - x0s[-3]) / r1
+    first, second = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1), (d1_0 - d1_1) / (r0 + r1)
+    return out + alpha_t * (em1 / h + 1) * first - alpha_t * ((em1 + h) / h**2 - 0.5) * second
 
 
 def _uni(x, x0s, x0_new, alpha_t, sigma_t, sigma_s, lam, k, order, corrector):
@@ -238,6 +263,30 @@ def test_follows_diffusers_step_by_step_without_guidance(nets, method, threshold
     assert rel_err(unclipped[-1], ours[-1]) > 0.1, "clipping x̂0 changed nothing: the test would not see it"
 
 
+@pytest.mark.parametrize("steps", [STEPS, 15, 25])  # 15 and more: third order also at the second-to-last step
+def test_dpmpp3m_follows_diffusers_and_float64_at_each_order_rule(nets, steps):
+    """DPM-Solver++(3M) without guidance on diffusers' own timesteps: within 1e-4 of diffusers' float32 run at
+    every step, and within the float64 rule of an independent float64 run; third order makes a difference
+    (it is not DPM-Solver++(2M) under another name)."""
+    unet, _ = nets
+    x_T = _x_T()
+    schedule = _schedule(sorted(_diffusers_scheduler("dpmpp3m", steps).timesteps.tolist()))
+    assert schedule.num_steps == steps
+    ours = _fastguide(unet, None, "dpmpp3m", schedule=schedule)
+    theirs = _diffusers(unet, "dpmpp3m", x_T, steps, thresholding=True, sample_max_value=1.0)
+    exact = _reference(_f64(unet), None, "dpmpp3m", x_T.double(), None, schedule=schedule)
+    f32 = _reference(unet, None, "dpmpp3m", x_T, None, schedule=schedule)
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max(), f"step {k}: {float((a - b).abs().max()):.3g} from diffusers"
+        assert_float64_parity(f"dpmpp3m {steps} steps, step {k}", a, exact[k], {"diffusers": b, "float32 run": f32[k]},
+                              record=False)  # fmt: skip
+    second = _fastguide(unet, None, "dpmpp2m", schedule=schedule)
+    assert rel_err(ours[-2], second[-2]) > 1e-4, "3M gave 2M's samples"
+    table = multistep_table(schedule, "dpmpp3m")
+    third = (table[:, 3] != 0).flip(0).tolist()  # f != 0: third order, by step
+    assert third == [False, False, *[True] * (steps - (4 if steps < 15 else 3)), *[False] * (2 if steps < 15 else 1)]
+
+
 def test_dynamic_thresholding_is_diffusers_where_the_quantile_lies_inside_its_range():
     """Per sample: s = the ratio quantile of |x̂0| clamped to [1, max]; x̂0 clamped to [−s, s] and divided by s.
     Samples are made so that s falls below 1, inside [1, max] and above max."""
@@ -307,7 +356,7 @@ class _Counting(torch.nn.Module):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(method="dpmpp3m"), "unknown method"),
+    (dict(method="euler"), "unknown method"),
     (dict(method="unipc", eta=0.5), "eta=0.5 applies to method 'ddim' only"),
     (dict(method="ddim", dynamic_threshold=0.99), "dynamic_threshold applies to"),
     (dict(method="unipc", dynamic_threshold=1.5), "quantile in (0, 1], got 1.5"),
