@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import fastguide as fg
-from fastguide.adm.configs import ClassifierFlags, ModelFlags, adm_classifier_flags, adm_unet_flags
+from fastguide.adm.networks.configs import ClassifierFlags, ModelFlags, adm_classifier_flags, adm_unet_flags
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak of the SXM parts
 

@@ -23,11 +23,11 @@ case = e2e.cases()[case_name]
 cpu = torch.device("cpu")
 unet, clf = e2e.networks(case, cpu)
 
-import fastguide.sampler as fs  # noqa: E402
+import fastguide.compiled as fc  # noqa: E402
 
 # the measurement hook for freezing: inductor freezes only graphs compiled with grad off, and the sampler
 # turns grad on per step (inference_mode(False)); the compiled step is called under no_grad here
-_orig_compiled, _orig_init = fs._Runner._compiled, fs._Runner.__init__
+_orig_compiled, _orig_init = fc.StepRunner._compiled, fc.StepRunner.__init__
 FREEZE = {"on": False}
 
 
@@ -48,7 +48,7 @@ def _init(self, *a, **k):
     self.freeze = FREEZE["on"]
 
 
-fs._Runner._compiled, fs._Runner.__init__ = _frozen_compiled, _init
+fc.StepRunner._compiled, fc.StepRunner.__init__ = _frozen_compiled, _init
 
 
 def lever(config_patch=None, freeze=False, sdpa=False, **cfg):
@@ -61,7 +61,7 @@ def lever(config_patch=None, freeze=False, sdpa=False, **cfg):
         FREEZE["on"] = freeze  # read when the runner is made, at the first run
         first = config_patch and state["first"]
         patch = torch._inductor.config.patch(**config_patch) if first else contextlib.nullcontext()
-        import fastguide.adm.nn as adm_nn
+        import fastguide.adm.networks.nn as adm_nn
 
         attention = adm_nn.low_precision_attention
         try:

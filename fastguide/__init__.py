@@ -47,7 +47,9 @@ from .losses import ect_loss
 from .noise import FixedNoise, PerSampleNoise
 from .diffusion import StepOutput
 from .ops import guided_ddim_update, guided_ddpm_update
-from .sampler import GuidedSampler, SampleResult, SamplerConfig, SamplingTrace, StepRecord
+from .config import SamplerConfig
+from .sampler import GuidedSampler, SampleResult, SamplingTrace
+from .step import StepRecord
 from .schedule import Schedule, space_timesteps
 
 __version__ = "0.1.0"

@@ -170,11 +170,12 @@ def _read_shard(folder: Path, b: int, size: int) -> tuple[np.ndarray, np.ndarray
 
 
 def run_adm_sample(args) -> None:
-    from .adm.checkpoint import load_checkpoint
+    from .adm.networks.checkpoint import load_checkpoint
     from .files import check_disk_space, check_output_folder, folder_lock
     from .generate import save_npz
     from .images import to_uint8
-    from .sampler import GuidedSampler, SamplerConfig
+    from .config import SamplerConfig
+    from .sampler import GuidedSampler
     from .train.distributed import init_distributed, kill_if_asked
 
     plan, flags, policy = plan_of(args)

@@ -4,7 +4,7 @@
         d log p(y)/d logits ─► backward ─► ∇x log p(y|x_t), ‖∇‖₂
 
 :func:`classifier_pass` is the only place fastguide runs a classifier for guidance: the sampler's step,
-ADM's cond_fn (:mod:`fastguide.adm.drop_in`) and :func:`fastguide.classifier_gradient` (the gradient maps)
+ADM's cond_fn (:mod:`fastguide.adm.integration`) and :func:`fastguide.classifier_gradient` (the gradient maps)
 all call it. The backward asks for the input's gradient alone: the parameters are stood in for by detached
 tensors sharing their storage, so no weight gradient is computed and no ``.grad`` is written. What a
 network's first pass teaches (a checkpoint that differentiates the parameters it is handed, or one that

@@ -91,10 +91,10 @@ def add_sample_command(sub) -> None:
 
 def _sample_plan(args) -> dict:
     """Everything ``sample`` will do, checked; raises ValueError naming the bad value."""
-    from .adm.configs import ClassifierFlags, ModelFlags
+    from .adm.networks.configs import ClassifierFlags, ModelFlags
     from .generate import CLASSIFIERS, DEFAULT_RESPACING, MODELS, build_policy, run_dir
     from .pretrained import run_flags
-    from .sampler import SamplerConfig
+    from .config import SamplerConfig
 
     flags = run_flags(run_dir(args.model, MODELS, "--model"))
     if not isinstance(flags, ModelFlags):

@@ -23,7 +23,8 @@ from .cpu import bf16_kind
 from .files import atomic_write
 from .guidance import POLICIES, GuidancePolicy, NoGuidance, classifier_gradient
 from .images import to_uint8
-from .sampler import GuidedSampler, SamplerConfig
+from .config import SamplerConfig
+from .sampler import GuidedSampler
 from .schedule import Schedule
 from .solvers import SOLVERS, names
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .adm.checkpoint import load_checkpoint
-from .adm.configs import ClassifierFlags, ModelFlags
+from .adm.networks.checkpoint import load_checkpoint
+from .adm.networks.configs import ClassifierFlags, ModelFlags
 
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"

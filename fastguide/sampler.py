@@ -9,167 +9,33 @@ One step is the data flow of the paper's Fig. 2::
 The respaced chain is walked explicitly: step k uses respaced index ``i = N−1−k``, whose original
 timestep ``schedule.timestep_map[i]`` is what both networks see (rescaled to 0..1000 if the schedule
 says so). Nothing is hidden in a wrapped model.
+
+This module is the loop (input checks where the values enter, noise, the trace, faults read once after the
+loop); the settings are fastguide.config (:class:`SamplerConfig`), one step is fastguide.step with its solver
+(fastguide.solvers), and running it compiled or eagerly is fastguide.compiled (:class:`StepRunner`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import inspect
-import itertools
-import logging
 import math
-import numbers
-import os
-import types
 import warnings
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import cost, ops
-from .compile_cache import cacheable_autocast, use_user_cache
-from .cpu import flush_denormals, native_bf16
-from .diffusion import DDIM_GUIDANCE, VARIANCES, StepOutput
-from .classifier import differentiates_parameters
+from .compiled import StepRunner
+from .config import FastPath, SamplerConfig
+from .cpu import flush_denormals
+from .diffusion import StepOutput
 from .guidance import EntropyDriven, GuidancePolicy, NoGuidance, as_policy
 from .noise import FixedNoise, GlobalNoise, PerSampleNoise
 from .schedule import Schedule
-from .solvers import SOLVERS, Carry, names
-from .step import (
-    CHECKS, StepRecord, StepSpec, StepTables, fault_location, first_fault, guidance_plan,
-    guided_step, nonfinite_code,
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """How to sample (everything but the networks, the schedule and the policy)."""
-
-    method: str = "ddim"  # a registered solver (fastguide.solvers.SOLVERS): "ddpm" (ancestral), "ddim",
-    # "dpmpp2m" (DPM-Solver++(2M)) or "unipc" (UniPC-bh2)
-    eta: float = 0.0  # DDIM stochasticity; 0 = deterministic
-    clip_denoised: bool = True  # clip x̂_0 to [-1, 1]
-    dynamic_threshold: float | None = None  # dpmpp2m/unipc: threshold x̂0 at this quantile of |x̂0| (Imagen)
-    threshold_max: float = 1.5  # the largest dynamic threshold (it is clamped to [1, threshold_max])
-    guidance_interval: tuple[int, int] | None = None  # call the classifier only at original t in [lo, hi]
-    guidance_every: int = 1  # call it at every k-th of those steps, reusing the last scale and gradient between
-    variance: str = "auto"  # DDPM variance: auto | learned_range | learned | fixed_small | fixed_large
-    ddim_guidance: str = "adm"  # "adm": ε − sqrt(1−ᾱ)·s∇ (ADM, EDS release); "paper": ε − s∇ (Alg. 1)
-    check_finite: bool = True  # raise on NaN/inf from the networks (read once, after the loop); scales always
-    progress: bool = False  # show a progress bar
-    compile: bool | None = None  # the whole step in one torch.compile region; None: on CUDA, and on a CPU with
-    # native bf16 for a run long enough to repay a cold compile (fastguide.cost, planned_samples), else eager
-    cuda_graphs: bool | None = None  # replay the compiled step as a CUDA graph; None: with compile on CUDA
-    precision: str = "auto"  # the networks' precision: auto, float32, bfloat16, float16 (auto: bfloat16 on
-    # CUDA and on a CPU with native bf16, AMX-BF16 or AVX512-BF16 (fastguide.cpu.bf16_kind), float32 elsewhere)
-    channels_last: bool | None = None  # channels-last images for the networks; None: on CUDA, off on CPU
-    flush_denormals: bool = True  # on the CPU, each step treats denormal floats as zero (restored between steps)
-    planned_samples: int | None = None  # how many samples the sampler will draw in all, over all its calls:
-    # the run length compile=None weighs on the CPU; None: the first call's samples
-
-    def __post_init__(self):
-        if self.method not in SOLVERS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {tuple(SOLVERS)}")
-        solver = SOLVERS[self.method]
-        # a string such as "no" or "False" is truthy
-        for name in ("clip_denoised", "check_finite", "progress", "flush_denormals"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-            object.__setattr__(self, name, bool(getattr(self, name)))
-        if not _number(self.eta, (numbers.Real,)) or not (math.isfinite(self.eta) and 0 <= self.eta <= 1):
-            # eta > 1 makes 1 − ᾱ_{t−1} − σ² negative in the DDIM update
-            raise ValueError(f"eta must be in [0, 1], got {self.eta!r}")
-        if self.eta != 0 and not solver.takes_eta:
-            takers = " or ".join(map(repr, names(takes_eta=True)))
-            raise ValueError(f"eta={self.eta!r} applies to method {takers} only, not {self.method!r}")
-        if self.dynamic_threshold is not None:
-            if not solver.takes_threshold:
-                raise ValueError(f"dynamic_threshold applies to {names(takes_threshold=True)}, not method "
-                                 f"{self.method!r}")  # fmt: skip
-            if not (_number(self.dynamic_threshold) and 0 < self.dynamic_threshold <= 1):
-                raise ValueError(f"dynamic_threshold must be a quantile in (0, 1], got {self.dynamic_threshold!r}")
-            if not self.clip_denoised:
-                raise ValueError("dynamic_threshold replaces clipping x̂0; it cannot go with clip_denoised=False")
-        if not (_number(self.threshold_max) and math.isfinite(self.threshold_max) and self.threshold_max >= 1):
-            raise ValueError(f"threshold_max must be a finite number >= 1, got {self.threshold_max!r}")
-        if self.threshold_max != 1.5 and self.dynamic_threshold is None:
-            raise ValueError(f"threshold_max={self.threshold_max!r} applies only with dynamic_threshold")
-        if self.guidance_interval is not None:
-            lo_hi = tuple(self.guidance_interval)
-            if len(lo_hi) != 2 or not all(_number(v, (int,)) for v in lo_hi) or not (
-                    0 <= lo_hi[0] <= lo_hi[1]):  # fmt: skip
-                raise ValueError(
-                    f"guidance_interval must be two original timesteps (lo, hi) with 0 <= lo <= hi, got "
-                    f"{self.guidance_interval!r}")  # fmt: skip
-            object.__setattr__(self, "guidance_interval", lo_hi)
-        if not (_number(self.guidance_every, (int,)) and self.guidance_every >= 1):
-            raise ValueError(f"guidance_every must be an integer >= 1, got {self.guidance_every!r}")
-        if self.variance != "auto" and self.variance not in VARIANCES:
-            raise ValueError(f"unknown variance {self.variance!r}; expected 'auto' or one of {VARIANCES}")
-        if self.ddim_guidance not in DDIM_GUIDANCE:
-            raise ValueError(f"unknown ddim_guidance {self.ddim_guidance!r}; expected one of {DDIM_GUIDANCE}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; expected one of {sorted(PRECISIONS)}")
-        if self.planned_samples is not None and not (_number(self.planned_samples, (int,)) and self.planned_samples >= 1):
-            raise ValueError(f"planned_samples must be a positive integer or None, got {self.planned_samples!r}")
-        for name in ("compile", "cuda_graphs", "channels_last"):
-            if getattr(self, name) not in (None, True, False):
-                raise ValueError(f"{name} must be True, False or None (automatic), got {getattr(self, name)!r}")
-
-    @property
-    def draws_noise(self) -> bool:
-        """Whether a step takes fresh noise (the solver's :meth:`~fastguide.solvers.Solver.draws_noise`: DDPM,
-        and DDIM with eta > 0)."""
-        return SOLVERS[self.method].draws_noise(self)
-
-    def guidance_plan(self, schedule: Schedule) -> list[str]:
-        """What each step of ``schedule`` (noisiest first) does with the classifier, from
-        ``guidance_interval`` and ``guidance_every`` (:func:`fastguide.step.guidance_plan`).
-
-        Raises:
-            ValueError: the interval holds none of the chain's timesteps (the classifier would never be called).
-        """
-        timesteps = list(reversed(schedule.timestep_map))
-        plan = guidance_plan(timesteps, self.guidance_interval, self.guidance_every)
-        if "call" not in plan:
-            raise ValueError(
-                f"guidance_interval {self.guidance_interval} contains none of the chain's timesteps "
-                f"({timesteps[-1]}..{timesteps[0]}): the classifier would never be called")  # fmt: skip
-        return plan
-
-    def fast_path(self, device: torch.device, repays: bool = False) -> FastPath:
-        """The compile, CUDA-graph, precision and memory-format choices on ``device``, automatic ones resolved:
-        on CUDA everything on and bfloat16 networks; on the CPU bfloat16 networks where the CPU computes bf16
-        natively and float32 elsewhere, where bf16 is emulated and slower (:func:`fastguide.cpu.bf16_kind`),
-        and eager unless the networks run in bf16 on such a CPU and ``repays`` says that the run repays a cold
-        compile (the sampler's estimate, :meth:`GuidedSampler.fast_path`, :mod:`fastguide.cost`)."""
-        cuda = device.type == "cuda"
-        precision = self._precision(device)
-        compile_ = self.compile
-        if compile_ is None:
-            compile_ = cuda or (repays and self.compile_weighed(device))
-        graphs = (cuda and compile_) if self.cuda_graphs is None else self.cuda_graphs
-        if graphs and not cuda:
-            raise ValueError(f"cuda_graphs=True needs a CUDA device, got {device}")
-        channels_last = cuda if self.channels_last is None else self.channels_last
-        return FastPath(compile_, graphs, PRECISIONS[precision], channels_last)
-
-    def compile_weighed(self, device: torch.device) -> bool:
-        """Whether ``compile=None`` on ``device`` weighs the run's length (:mod:`fastguide.cost`): on a CPU with
-        native bf16 whose networks run in bf16, the case its constants were measured for."""
-        return (self.compile is None and device.type == "cpu" and native_bf16()
-                and self._precision(device) == "bfloat16")  # fmt: skip
-
-    def _precision(self, device: torch.device) -> str:
-        """``precision`` with "auto" resolved on ``device``."""
-        if self.precision != "auto":
-            return self.precision
-        return "bfloat16" if device.type == "cuda" or (device.type == "cpu" and native_bf16()) else "float32"
+from .solvers import SOLVERS, Carry
+from .step import CHECKS, StepRecord, StepSpec, StepTables, fault_location, first_fault, guided_step, nonfinite_code
 
 
 def _guidance_before(found, records: list[StepRecord]) -> str:
@@ -193,23 +59,6 @@ def _takes_low_res(net) -> bool:
         return "low_res" in inspect.signature(net.forward if isinstance(net, nn.Module) else net).parameters
     except (TypeError, ValueError):  # no signature to read
         return False
-
-
-def _number(value, kinds: tuple[type, ...] = (int, float)) -> bool:
-    """``value`` is one of ``kinds`` and not a bool (which is an int to isinstance)."""
-    return isinstance(value, kinds) and not isinstance(value, (bool, np.bool_))
-
-
-PRECISIONS = {"auto": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class FastPath(NamedTuple):
-    """How the step runs (SamplerConfig.fast_path): what the automatic settings resolved to on a device."""
-
-    compile: bool  # torch.compile of the whole step
-    cuda_graphs: bool  # CUDA-graph replay of the compiled step
-    autocast: torch.dtype | None  # the networks under autocast to this dtype (None: float32)
-    channels_last: bool  # channels-last images for the networks
 
 
 class SamplingTrace(NamedTuple):
@@ -483,13 +332,13 @@ class GuidedSampler:
             return None
         return cost.estimate(costs, plan, samples)
 
-    def _runner(self, x: torch.Tensor) -> _Runner:
+    def _runner(self, x: torch.Tensor) -> StepRunner:
         """The step for x's device, dtype and shape: made (ops resolved, tables moved, compiled) once, reused."""
         fast = self.fast_path(x.device, x.shape[0])
         key = (x.device, tuple(x.shape), ops.forced_backend(), fast)
         if key not in self._runners:
             tables = StepTables.of(self.schedule, x.device, self.config.method)
-            self._runners[key] = _Runner(self._spec(x, fast), tables, fast)
+            self._runners[key] = StepRunner(self._spec(x, fast), tables, fast)
         return self._runners[key]
 
     def step(
@@ -622,151 +471,6 @@ class GuidedSampler:
         warning = self._policy.trace_warning(trace)
         if warning is not None:
             warnings.warn(warning, stacklevel=3)
-
-
-# what tracing or compiling raises when the step cannot be one graph (a graph break in a policy, a backend
-# failure); a recompilation refused by error_on_recompile is not among them: it propagates
-_COMPILE_REFUSALS = (
-    torch._dynamo.exc.Unsupported, torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.UserError,
-    torch._dynamo.exc.TorchRuntimeError,
-)  # fmt: skip
-
-
-class _Runner:
-    """The step of one sampler on one device and batch shape: eager, or compiled (and graph-replayed).
-
-    Compiled, the first call for a shape (and a call with a larger label than before) also runs the step
-    eagerly, to check the networks' output shapes and the labels with proper errors, and drops that result:
-    a sample never depends on which calls came before it. If the step cannot be one graph, it says why once
-    and runs with the eps-model compiled alone (or eagerly), from its first result on.
-    """
-
-    def __init__(self, spec: StepSpec, tables: StepTables, fast: FastPath):
-        self.spec, self.tables, self.fast = spec, tables, fast
-        self.validated = False
-        self.max_label_checked = -1  # labels up to this one are known to be among the classifier's classes
-        # one compiled step per guidance action ("call", "reuse", "off"): each its own graph, none a recompilation
-        self.compiled: dict[str, Callable] | None = {} if fast.compile else None
-        self.graphs_refused = False  # said that CUDA graphs cannot be captured
-        self._indices: dict[tuple[int, int], torch.Tensor] = {}
-
-    def _compiled(self, guidance: str) -> Callable:
-        if guidance not in self.compiled:
-            mode = "reduce-overhead" if self.fast.cuda_graphs else None
-            # FASTGUIDE_COMPILE_BACKEND=aot_eager traces exactly as inductor does, without its code generation
-            backend = os.environ.get("FASTGUIDE_COMPILE_BACKEND", "inductor")
-            step = _own_code(_step_of(self.spec, self.tables, guidance))
-            use_user_cache()  # the next process finds this compilation (fastguide.compile_cache)
-            self.compiled[guidance] = torch.compile(step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
-        return self.compiled[guidance]
-
-    def eager(self, x, index, y, noise, max_label: int | None = None, carry=None, guidance: str = "call",
-              model_kwargs=None):  # fmt: skip
-        """The step run eagerly; with ``max_label``, the labels are checked against the classifier's logits."""
-        out = guided_step(self.spec, self.tables, x, index, y, noise, max_label, carry, guidance, model_kwargs)
-        if max_label is not None and guidance == "call":  # the classifier saw the labels (or there is none)
-            self.max_label_checked = max(self.max_label_checked, max_label)
-        return out
-
-    def index(self, i: int, batch: int) -> torch.Tensor:
-        """(batch,) int64 respaced index i on the device, made once per (i, batch)."""
-        key = (i, batch)
-        if key not in self._indices:
-            self._indices[key] = torch.full((batch,), i, dtype=torch.long, device=self.tables.coefs.device)
-        return self._indices[key]
-
-    def __call__(self, x, index, y, noise, max_label: int, carry: Carry, guidance: str = "call", model_kwargs=None):
-        if self.compiled is None:
-            return self.eager(x, index, y, noise, max_label, carry, guidance, model_kwargs)
-        if not self.validated or max_label > self.max_label_checked:
-            # the checks (output shapes, labels against the logits) run eagerly, with proper errors; their result
-            # is dropped: every result of a compiled runner is the compiled step's, whatever ran before it
-            self.eager(x, index, y, noise, max_label, carry, guidance, model_kwargs)
-            self.validated = True
-        try:
-            first = guidance not in self.compiled  # compiled by this call: where its caches are found (below)
-            with torch._dynamo.config.patch(trace_autograd_ops=True), _cudagraph_skips() as skips, (
-                    cacheable_autocast() if first else contextlib.nullcontext()):  # fmt: skip
-                out = self._compiled(guidance)(x, index, y, noise, carry, model_kwargs)  # autograd.grad inside
-        except _COMPILE_REFUSALS as err:
-            reason = " ".join(str(err).split())[:300]
-            self.compiled = None
-            if (self.spec.classifier is None and self.spec.cond_fn is None) or guidance != "call":
-                warnings.warn(f"the guided step cannot be compiled, so it runs eagerly: {reason}", stacklevel=3)
-            else:  # the guidance (a custom autograd.Function, a policy's host sync): compile the eps-model alone
-                if differentiates_parameters(self.spec.classifier):
-                    reason = ("the classifier differentiates the parameters it hands to an autograd.Function of its "
-                              "own (as ADM's original gradient checkpoint does), which torch.compile cannot trace")
-                warnings.warn(
-                    f"the guided step cannot be one compiled graph, so it runs with the eps-model compiled and the "
-                    f"rest of the step eagerly: {reason}", stacklevel=3)  # fmt: skip
-                self.spec = dataclasses.replace(self.spec, model=_CompiledModel(self.spec.model))
-            return guided_step(self.spec, self.tables, x, index, y, noise, None, carry, guidance, model_kwargs)
-        if self.fast.cuda_graphs and skips and not self.graphs_refused:
-            self.graphs_refused = True
-            warnings.warn(f"the guided step runs compiled without CUDA graphs: {skips[0]}", stacklevel=3)
-        if self.fast.cuda_graphs:  # a replay overwrites its outputs: keep copies
-            out = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
-        return out
-
-
-class _CompiledModel:
-    """The eps-model's forward compiled alone (the fallback when the whole step cannot be one graph); if it
-    cannot be compiled either, it says why once and calls the model as it is."""
-
-    def __init__(self, model: Callable):
-        self.model = model
-        backend = os.environ.get("FASTGUIDE_COMPILE_BACKEND", "inductor")
-        forward = _own_code(lambda x, t, **kwargs: model(x, t, **kwargs))
-        self.compiled = torch.compile(forward, fullgraph=True, dynamic=False, backend=backend)
-
-    def __call__(self, x, t, **kwargs):
-        if self.compiled is not None:
-            try:
-                return self.compiled(x, t, **kwargs)
-            except _COMPILE_REFUSALS as err:
-                reason = " ".join(str(err).split())[:300]
-                warnings.warn(f"the eps-model cannot be compiled either, so the step runs eagerly: {reason}",
-                              stacklevel=4)  # fmt: skip
-                self.compiled = None
-        return self.model(x, t, **kwargs)
-
-
-@contextlib.contextmanager
-def _cudagraph_skips():
-    """The reasons inductor gives, while the block runs, for not capturing a CUDA graph (it then runs the
-    compiled code without one). It logs them on its "cudagraphs" artifact logger; this listens there."""
-    from torch._inductor.cudagraph_utils import cudagraphs_log
-
-    reasons: list[str] = []
-
-    class Listen(logging.Handler):
-        def emit(self, record):
-            reasons.append(record.getMessage())
-
-    handler = Listen(logging.WARNING)
-    cudagraphs_log.addHandler(handler)
-    try:
-        yield reasons
-    finally:
-        cudagraphs_log.removeHandler(handler)
-
-
-def _step_of(spec: StepSpec, tables: StepTables, guidance: str) -> Callable:
-    def step(x, index, y, noise, carry, model_kwargs):
-        return guided_step(spec, tables, x, index, y, noise, None, carry, guidance, model_kwargs)
-
-    return step
-
-
-_COMPILED = itertools.count()
-
-
-def _own_code(fn: Callable) -> Callable:
-    """``fn`` with a code object of its own. torch.compile caches graphs, and counts recompilations against
-    its limit, per code object: without this, every sampler's step would be a recompilation of one function."""
-    code = fn.__code__.replace(co_name=f"guided_step_{next(_COMPILED)}")
-    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 def _progress(total: int, enabled: bool):

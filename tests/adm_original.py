@@ -60,7 +60,7 @@ def _resblock_forward(self, x, emb):
 
 
 # modules whose AttentionBlock and ResBlock get the original's forward
-NETWORK_MODULES = ("guided_diffusion.unet", "fastguide.adm.nn")
+NETWORK_MODULES = ("guided_diffusion.unet", "fastguide.adm.networks.nn")
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from fastguide.adm import (
     load_checkpoint,
     load_state_dict,
 )
-from fastguide.adm.nn import qkv_attention
+from fastguide.adm.networks.nn import qkv_attention
 
 
 def adm_attention_oracle(qkv: torch.Tensor, heads: int, legacy: bool) -> torch.Tensor:

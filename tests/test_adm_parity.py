@@ -32,7 +32,7 @@ import torch
 import fastguide as fg
 from adm_reference import MISSING, adm_here
 from fastguide import ops
-from fastguide.adm.nn import AttentionBlock, AttentionPool2d, qkv_attention
+from fastguide.adm.networks.nn import AttentionBlock, AttentionPool2d, qkv_attention
 from golden_cases import (
     FOLDERS,
     GOLDEN_ROOT,

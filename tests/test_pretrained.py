@@ -90,7 +90,7 @@ UADM_MIN_CONFIDENCE = 0.85
 
 
 def test_every_embedded_model_ships_with_config_weights_and_card_within_25_mb():
-    from fastguide.adm.configs import ClassifierFlags, ModelFlags
+    from fastguide.adm.networks.configs import ClassifierFlags, ModelFlags
     from fastguide.pretrained import EMBEDDED, WEIGHTS_DIR, embedded_dir, run_flags
 
     total = 0

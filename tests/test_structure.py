@@ -98,3 +98,27 @@ def test_gpu_check_script_skips_cleanly_without_a_gpu():
     result = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "gpu_check: no CUDA device here; the GPU checks are skipped"
+
+
+def test_setup_lists_every_package_so_a_wheel_has_them_all():
+    """A non-editable install (pip install .) ships only the packages setup.py names: every folder of
+    fastguide/ with an __init__.py must be among them (fastguide.kernels comes from kernels/)."""
+    setup = ast.parse((ROOT / "setup.py").read_text())
+    call = next(n for n in ast.walk(setup) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    listed = set(ast.literal_eval(next(k.value for k in call.keywords if k.arg == "packages")))
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fastguide").rglob("__init__.py")}
+    assert found - listed == set(), f"packages missing from setup.py: {sorted(found - listed)}"
+    assert "fastguide.kernels" in listed
+
+
+def test_adm_networks_import_nothing_of_sampling():
+    """fastguide.adm.networks is ADM's networks alone: no module of it imports the sampler, the step, the
+    solvers, the guidance or the dispatch (fastguide.adm.integration does)."""
+    graph = import_graph()
+    sampling = {"fastguide.sampler", "fastguide.step", "fastguide.solvers", "fastguide.classifier", "fastguide.guidance",
+                "fastguide.ops", "fastguide.compiled", "fastguide.adm.integration"}  # fmt: skip
+    networks = [m for m in graph if m.startswith("fastguide.adm.networks")]
+    assert len(networks) >= 5
+    for module in networks:
+        bad = {t for t in graph[module] if any(t == s or t.startswith(s + ".") for s in sampling)}
+        assert not bad, f"{module} imports {sorted(bad)}"

@@ -189,7 +189,7 @@ def test_a_v_network_is_trained_on_v_and_sampled_as_the_eps_it_implies():
 
 
 def test_predict_v_builds_a_v_view_and_is_not_an_adm_flag():
-    from fastguide.adm.configs import ModelFlags
+    from fastguide.adm.networks.configs import ModelFlags
     from fastguide.adm.flags import ADM_FLAGS
 
     assert "predict_v" not in ADM_FLAGS["model"]

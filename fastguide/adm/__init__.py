@@ -1,8 +1,9 @@
-"""ADM-compatible networks (openai/guided-diffusion): same classes, arguments and state_dict keys; and fastguide
-inside ADM code: cond_fn for ADM's loops, accelerate(diffusion) for fastguide's loops behind ADM's interface."""
+"""ADM-compatible networks (openai/guided-diffusion; fastguide.adm.networks): same classes, arguments and
+state_dict keys; and fastguide inside ADM code (fastguide.adm.integration): cond_fn for ADM's loops,
+accelerate(diffusion) for fastguide's loops behind ADM's interface."""
 
-from .checkpoint import load_checkpoint, load_state_dict
-from .configs import (
+from .networks.checkpoint import load_checkpoint, load_state_dict
+from .networks.configs import (
     PUBLISHED_CLASSIFIER_SCALE,
     PUBLISHED_CLASSIFIERS,
     PUBLISHED_UNETS,
@@ -13,10 +14,10 @@ from .configs import (
     adm_unet,
     adm_unet_flags,
 )
-from .drop_in import AcceleratedDiffusion, CondFn, accelerate, cond_fn, eds_cond_fn
+from .integration import AcceleratedDiffusion, CondFn, accelerate, cond_fn, eds_cond_fn
 from .flags import AdmFlags, SampleFlags, parse_flags
-from .nn import timestep_embedding
-from .unet import EncoderUNetModel, UNetModel
+from .networks.nn import timestep_embedding
+from .networks.unet import EncoderUNetModel, UNetModel
 
 __all__ = [
     "AcceleratedDiffusion",

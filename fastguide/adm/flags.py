@@ -15,7 +15,7 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .configs import ClassifierFlags, ModelFlags, check_types
+from .networks.configs import ClassifierFlags, ModelFlags, check_types
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..adm.checkpoint import weights_only_refusal
+from ..adm.networks.checkpoint import weights_only_refusal
 from ..files import atomic_write, make_temp_dir
 
 LATEST = "latest"

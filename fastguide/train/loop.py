@@ -381,7 +381,7 @@ class Trainer:
         try:
             self.model.load_state_dict(weights["model"], strict=True)
         except RuntimeError as err:
-            from ..adm.checkpoint import describe_mismatch
+            from ..adm.networks.checkpoint import describe_mismatch
 
             problem = describe_mismatch(self.model, weights["model"], True) or " ".join(str(err).split())[:300]
             raise ValueError(f"checkpoint {str(path)!r} is of another network than this run's: {problem}") from None

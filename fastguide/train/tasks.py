@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..adm.configs import ClassifierFlags, ModelFlags
+from ..adm.networks.configs import ClassifierFlags, ModelFlags
 from ..guidance import entropy_from_log_probs
 from ..losses import diffusion_loss, ect_terms, q_sample
 from ..schedule import Schedule

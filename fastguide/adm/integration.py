@@ -29,7 +29,8 @@ from ..classifier import check_labels, classifier_pass
 from ..diffusion import XStartToEps
 from ..guidance import Constant, EntropyDriven, GuidancePolicy, GuidanceState, NoGuidance, as_policy, policy_scale
 from ..noise import GlobalNoise
-from ..sampler import GuidedSampler, SamplerConfig
+from ..config import SamplerConfig
+from ..sampler import GuidedSampler
 from ..schedule import Schedule
 from ..step import StepRecord
 

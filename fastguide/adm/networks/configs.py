@@ -145,14 +145,14 @@ class ModelFlags:
         """``net`` as fastguide's samplers take it: an eps-model as it is, an x0-prediction network
         (``predict_xstart``) behind :class:`fastguide.diffusion.XStartToEps`, a v-prediction network
         (``predict_v``) behind :class:`fastguide.diffusion.VToEps`."""
-        from ..diffusion import VToEps, XStartToEps
+        from ...diffusion import VToEps, XStartToEps
 
         view = {"x0": XStartToEps, "v": VToEps}.get(self.prediction)
         return net if view is None else view(net, self.schedule(""))
 
     def schedule(self, timestep_respacing: str | None = None):
         """The (respaced) noise schedule these flags describe; ``timestep_respacing`` overrides the flag."""
-        from ..schedule import Schedule
+        from ...schedule import Schedule
 
         respacing = self.timestep_respacing if timestep_respacing is None else timestep_respacing
         return Schedule.create(self.noise_schedule, self.diffusion_steps, respacing, self.rescale_timesteps)

@@ -8,7 +8,7 @@ import re
 import torch
 from torch import nn
 
-from ..files import require_file
+from ...files import require_file
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
