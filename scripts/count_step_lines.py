@@ -29,12 +29,13 @@ RANGES_DDIM = [
 
 # what the default step runs (and its compiled wrapper), by name
 SYMBOLS_COMMON = {
-    "fastguide/sampler.py": ["SamplerConfig:fields", "SamplerConfig.draws_noise", "SamplerConfig.guidance_plan",
-                             "SamplerConfig.fast_path", "SamplerConfig.compile_weighed", "SamplerConfig._precision",
-                             "FastPath", "SamplingTrace", "SampleResult", "_stack", "GuidedSampler._spec",
-                             "GuidedSampler.fast_path", "GuidedSampler._runner", "GuidedSampler.sample",
-                             "GuidedSampler.steps", "GuidedSampler.guidance_plan", "GuidedSampler._warn_entropy_floor",
-                             "_Runner", "_step_of", "_own_code"],
+    "fastguide/config.py": ["SamplerConfig:fields", "SamplerConfig.draws_noise", "SamplerConfig.guidance_plan",
+                            "SamplerConfig.fast_path", "SamplerConfig.compile_weighed", "SamplerConfig._precision",
+                            "FastPath"],
+    "fastguide/sampler.py": ["SamplingTrace", "SampleResult", "_stack", "GuidedSampler._spec", "GuidedSampler.fast_path",
+                             "GuidedSampler._runner", "GuidedSampler.sample", "GuidedSampler.steps",
+                             "GuidedSampler.guidance_plan", "GuidedSampler._warn_entropy_floor"],
+    "fastguide/compiled.py": ["StepRunner", "step_of", "own_code"],
     "fastguide/step.py": ["CHECKS", "NONFINITE", "LOGIT_FAULTS", "GUIDANCE_ACTIONS", "StepRecord", "StepTables",
                           "StepSpec", "_networks", "nonfinite_code", "logits_code", "eps_and_v", "guidance_pass",
                           "guided_step", "guidance_plan", "fault_location", "first_fault"],
@@ -46,8 +47,11 @@ SYMBOLS_COMMON = {
 SYMBOLS_DDIM = {"fastguide/solvers/ddim.py": ["Ddim"]}
 # the same path in the layout before issue 27 (d276551): the plan's §5 ranges, by name
 BEFORE_COMMON = {
-    "fastguide/sampler.py": [n for n in SYMBOLS_COMMON["fastguide/sampler.py"]
-                             if n not in ("SamplerConfig.draws_noise", "SamplerConfig._precision")],
+    "fastguide/sampler.py": ["SamplerConfig:fields", "SamplerConfig.guidance_plan", "SamplerConfig.fast_path",
+                             "SamplerConfig.compile_weighed", "FastPath", "SamplingTrace", "SampleResult", "_stack",
+                             "GuidedSampler._spec", "GuidedSampler.fast_path", "GuidedSampler._runner",
+                             "GuidedSampler.sample", "GuidedSampler.steps", "GuidedSampler.guidance_plan",
+                             "GuidedSampler._warn_entropy_floor", "_Runner", "_step_of", "_own_code"],
     "fastguide/step.py": ["CHECKS", "NONFINITE", "LOGIT_FAULTS", "GUIDANCE_ACTIONS", "StepRecord", "StepTables",
                           "StepSpec", "_networks", "_input_gradient_call", "nonfinite_code", "logits_code", "eps_and_v",
                           "check_labels", "classifier_pass", "_classifier_pass", "_BackwardFailed", "guidance_pass",
