@@ -43,7 +43,7 @@ class SamplerConfig:
     # "dpmpp2m" (DPM-Solver++(2M)) or "unipc" (UniPC-bh2)
     eta: float = 0.0  # DDIM stochasticity; 0 = deterministic
     clip_denoised: bool = True  # clip x̂_0 to [-1, 1]
-    dynamic_threshold: float | None = None  # dpmpp2m/unipc: threshold x̂0 at this quantile of |x̂0| (Imagen)
+    dynamic_threshold: float | None = None  # multistep solvers: threshold x̂0 at this quantile of |x̂0| (Imagen)
     threshold_max: float = 1.5  # the largest dynamic threshold (it is clamped to [1, threshold_max])
     guidance_interval: tuple[int, int] | None = None  # call the classifier only at original t in [lo, hi]
     guidance_every: int = 1  # call it at every k-th of those steps, reusing the last scale and gradient between

@@ -18,12 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-
-from ..schedule import Schedule
 from .base import Carry, register
-from .multistep import Multistep, _grid, threshold
+from .multistep import Multistep, threshold
 
 FIELDS = ("a", "b", "c", "f")  # x_next = a·x + b·D0 + c·(D0 − D1) + f·(D1 − D2)
 
@@ -46,27 +42,23 @@ class Dpmpp3m(Multistep):
     label = "DPM-Solver++(3M)"
 
     @classmethod
-    def table(cls, schedule: Schedule) -> torch.Tensor:
-        alpha, sigma, lam = _grid(schedule)
-        n = len(alpha)
-        rows = np.zeros((n, len(FIELDS)), dtype=np.float64)
-        for k in range(n):
-            if k == n - 1:  # to σ = 0 (λ = ∞): x_next = x̂0
-                rows[k] = (0.0, 1.0, 0.0, 0.0)
-                continue
-            h = lam[k + 1] - lam[k]
-            em1 = math.expm1(-h)
-            a, b, c, f = sigma[k + 1] / sigma[k], -alpha[k + 1] * em1, 0.0, 0.0
-            if order(k, n) == 2:
-                c = b / (2 * ((lam[k] - lam[k - 1]) / h))
-            elif order(k, n) == 3:
-                r0, r1 = (lam[k] - lam[k - 1]) / h, (lam[k - 1] - lam[k - 2]) / h
-                w1 = alpha[k + 1] * (em1 / h + 1)  # the weight of Δ1
-                w2 = -alpha[k + 1] * ((em1 + h) / h**2 - 0.5)  # the weight of Δ2
-                c = (w1 * (1 + r0 / (r0 + r1)) + w2 / (r0 + r1)) / r0
-                f = -(w1 * r0 / (r0 + r1) + w2 / (r0 + r1)) / r1
-            rows[k] = (a, b, c, f)
-        return torch.from_numpy(rows[::-1].copy()).float()
+    def predictor(cls, alpha, sigma, lam, k: int, n: int) -> tuple[float, ...]:
+        """(a, b, c, f): DPM-Solver++(2M)'s (a, b, c) where the order is 1 or 2 (f = 0), else third order."""
+        a, b, c = super().predictor(alpha, sigma, lam, k, n)
+        if order(k, n) < 3:  # 1 or 2: the order 2M has at that step too
+            return a, b, c, 0.0
+        h = lam[k + 1] - lam[k]
+        em1 = math.expm1(-h)
+        r0, r1 = (lam[k] - lam[k - 1]) / h, (lam[k - 1] - lam[k - 2]) / h
+        w1 = alpha[k + 1] * (em1 / h + 1)  # the weight of Δ1
+        w2 = -alpha[k + 1] * ((em1 + h) / h**2 - 0.5)  # the weight of Δ2
+        c = (w1 * (1 + r0 / (r0 + r1)) + w2 / (r0 + r1)) / r0
+        f = -(w1 * r0 / (r0 + r1) + w2 / (r0 + r1)) / r1
+        return a, b, c, f
+
+    @classmethod
+    def corrector(cls, alpha, sigma, lam, k: int, n: int) -> tuple[float, ...]:
+        return ()  # no corrector: the row is (a, b, c, f)
 
     def update(self, x, eps, xstart_coefs, row, carry: Carry):
         recip, recipm1 = xstart_coefs

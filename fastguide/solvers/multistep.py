@@ -85,7 +85,7 @@ class Multistep(Solver):
     """A multistep solver in data prediction on the λ grid of the respaced schedule, guided through ε as DDIM
     is: its table is one float64 row of (predictor, corrector) coefficients per step (:data:`SOLVER_FIELDS`),
     and its step is :func:`multistep_update`. A subclass gives its corrector (:meth:`corrector`) or, for
-    another update, its own :meth:`table` and :meth:`update`."""
+    another update, its own :meth:`predictor`, :meth:`corrector` and :meth:`update`."""
 
     multistep = True
     takes_threshold = True
@@ -103,24 +103,29 @@ class Multistep(Solver):
                    dynamic_threshold=config.dynamic_threshold, threshold_max=config.threshold_max)  # fmt: skip
 
     @classmethod
+    def predictor(cls, alpha, sigma, lam, k: int, n: int) -> tuple[float, ...]:
+        """(a, b, c) of the predictor x_next = a·x + b·x̂0 + c·(x̂0 − D1) at grid point k of n (float64 grids of
+        :func:`_grid`): first order at the first step and at the last (to σ = 0, λ = ∞: x_next = x̂0), second
+        order (c = b/(2r), r = h_prev/h) between."""
+        if k == n - 1:
+            return 0.0, 1.0, 0.0
+        h = lam[k + 1] - lam[k]
+        a, b = sigma[k + 1] / sigma[k], -alpha[k + 1] * math.expm1(-h)
+        c = b / (2 * ((lam[k] - lam[k - 1]) / h)) if predictor_order(k, n) == 2 else 0.0
+        return a, b, c
+
+    @classmethod
     def corrector(cls, alpha, sigma, lam, k: int, n: int) -> tuple[float, ...]:
         """(w, ca, cb, cd, ce) of the corrector at grid point k of n (float64 grids of :func:`_grid`); none."""
         return 1.0, 0.0, 0.0, 0.0, 0.0
 
     @classmethod
     def table(cls, schedule: Schedule) -> torch.Tensor:
+        """One float64 row (predictor, then corrector) per grid point, rounded once to float32, by respaced index."""
         alpha, sigma, lam = _grid(schedule)
         n = len(alpha)
-        rows = np.zeros((n, len(SOLVER_FIELDS)), dtype=np.float64)
-        for k in range(n):
-            a, b, c = 0.0, 1.0, 0.0  # the last step, to σ = 0 (λ = ∞): x_next = x̂0
-            if k < n - 1:
-                h = lam[k + 1] - lam[k]
-                a, b = sigma[k + 1] / sigma[k], -alpha[k + 1] * math.expm1(-h)
-                if predictor_order(k, n) == 2:
-                    c = b / (2 * ((lam[k] - lam[k - 1]) / h))
-            rows[k] = (a, b, c, *cls.corrector(alpha, sigma, lam, k, n))
-        return torch.from_numpy(rows[::-1].copy()).float()
+        rows = [(*cls.predictor(alpha, sigma, lam, k, n), *cls.corrector(alpha, sigma, lam, k, n)) for k in range(n)]
+        return torch.from_numpy(np.array(rows[::-1], dtype=np.float64)).float()
 
     def update(self, x, eps, xstart_coefs, row, carry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_next, x̂0, the corrected x) from x and its guided ε (:func:`multistep_update`)."""
