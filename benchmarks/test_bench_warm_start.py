@@ -7,10 +7,11 @@ in extra_info. Quick mode (benchmarks/conftest.py):
 adm64-tiny at batch 2 over DDIM-5, the goal not asserted.
 
 Asserted in the full run: the warm start takes at most a fifth of the cold one, side by side (measured
-0.10-0.11 on 2 cores of an AMD EPYC with AVX512-BF16; without the AOT-autograd cache it was 0.14). The
-10-s goal is recorded (extra_info ``within_10_s``), not asserted: the same machine measured 9.4, 10.6, 12.1
-and 12.2 s in four runs within an hour (benchmarks/RESULTS.md), so an assertion would fail by the machine's
-load, not by the code.
+0.10-0.11 on 2 cores of an AMD EPYC with AVX512-BF16 before the step store; without the AOT-autograd cache
+it was 0.14; with the step store, fastguide/step_store.py, 0.06 at DDIM-5 on a Zen 3 EPYC without native
+bf16). The 10-s goal is recorded (extra_info ``within_10_s``), not asserted: before the step store the
+AVX512-BF16 machine measured 9.4, 10.6, 12.1 and 12.2 s in four runs within an hour (benchmarks/RESULTS.md),
+so an assertion would fail by the machine's load, not by the code.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from .classifier import differentiates_parameters
+from . import step_store
 from .compile_cache import cacheable_autocast, use_user_cache
 from .config import FastPath
 from .solvers import Carry
@@ -48,14 +49,19 @@ class StepRunner:
         self.graphs_refused = False  # said that CUDA graphs cannot be captured
         self._indices: dict[tuple[int, int], torch.Tensor] = {}
 
-    def _compiled(self, guidance: str) -> Callable:
+    def _compiled(self, guidance: str, args: tuple) -> Callable:
         if guidance not in self.compiled:
             mode = "reduce-overhead" if self.fast.cuda_graphs else None
             # FASTGUIDE_COMPILE_BACKEND=aot_eager traces exactly as inductor does, without its code generation
             backend = os.environ.get("FASTGUIDE_COMPILE_BACKEND", "inductor")
             step = own_code(step_of(self.spec, self.tables, guidance))
             use_user_cache()  # the next process finds this compilation (fastguide.compile_cache)
-            self.compiled[guidance] = torch.compile(step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+            compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+            if backend == "inductor" and self.tables.coefs.device.type == "cpu":
+                # on the CPU, dynamo's trace is skipped too by the next process (fastguide.step_store)
+                compiled = step_store.stored_or_compiled(step, compiled, args, {"spec": self.spec,
+                                                                                "tables": self.tables})
+            self.compiled[guidance] = compiled
         return self.compiled[guidance]
 
     def eager(self, x, index, y, noise, max_label: int | None = None, carry=None, guidance: str = "call",
@@ -85,7 +91,8 @@ class StepRunner:
             first = guidance not in self.compiled  # compiled by this call: where its caches are found (below)
             with torch._dynamo.config.patch(trace_autograd_ops=True), _cudagraph_skips() as skips, (
                     cacheable_autocast() if first else contextlib.nullcontext()):  # fmt: skip
-                out = self._compiled(guidance)(x, index, y, noise, carry, model_kwargs)  # autograd.grad inside
+                args = (x, index, y, noise, carry, model_kwargs)
+                out = self._compiled(guidance, args)(*args)  # autograd.grad inside
         except COMPILE_REFUSALS as err:
             reason = " ".join(str(err).split())[:300]
             self.compiled = None
