@@ -64,7 +64,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["fastguide", "fastguide.adm", "fastguide.adm.networks", "fastguide.kernels", "fastguide.solvers",
-              "fastguide.train"],
+              "fastguide.train", "fastguide.cli"],
     package_dir={"fastguide": "fastguide", "fastguide.kernels": "kernels"},
     package_data={"fastguide": ["weights/*/*"]},  # the small models shipped with fastguide
     install_requires=["torch>=2.1", "numpy", "safetensors", "tqdm", "pillow", "mlxtend", "scipy", "matplotlib"],

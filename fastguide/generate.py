@@ -8,7 +8,6 @@ live here too; every file is written to a temporary name and renamed, so none is
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -19,74 +18,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cpu import bf16_kind
 from .files import atomic_write
 from .guidance import POLICIES, GuidancePolicy, NoGuidance, classifier_gradient
 from .images import to_uint8
 from .config import SamplerConfig
 from .sampler import GuidedSampler
 from .schedule import Schedule
-from .solvers import SOLVERS, names
+from .solvers import SOLVERS
 
 MODELS = {"cond": "cadm", "uncond": "uadm"}
 CLASSIFIERS = {"ect": "classifier_ect", "ce": "classifier_ce"}
 DEFAULT_RESPACING = {name: solver.default_respacing for name, solver in SOLVERS.items()}  # the solvers' own
-
-
-def add_fast_path_arguments(p: argparse.ArgumentParser) -> None:
-    """--compile/--no-compile and --precision (SamplerConfig.compile and .precision)."""
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the whole guided step with torch.compile (default: on CUDA; on a CPU with native "
-                   "bf16 when the run is long enough to repay a cold compile, a minute or more (fastguide.cost); "
-                   "else eager)")  # fmt: skip
-    p.add_argument("--precision", "--dtype", dest="precision", default="auto", type=_precision,
-                   choices=["auto", "float32", "bfloat16", "float16"],
-                   help="the networks' precision, the rest stays float32 (default: auto = bfloat16 on CUDA and on a "
-                   "CPU with native bf16 (AMX-BF16, AVX512-BF16), float32 on other CPUs; FASTGUIDE_CPU_BF16=none "
-                   "keeps float32)")  # fmt: skip
-
-
-def _precision(value: str) -> str:
-    """--precision as given; "auto" (the default) also reads FASTGUIDE_CPU_BF16, refused here if bad."""
-    if value == "auto":
-        try:
-            bf16_kind()
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-    return value
-
-
-def add_guidance_schedule_arguments(p: argparse.ArgumentParser) -> None:
-    """--guidance_every, --guidance_interval and --dynamic_threshold (:class:`SamplerConfig`; read back by
-    :func:`sampler_options`)."""
-    p.add_argument("--guidance_every", type=int, default=None, metavar="K",
-                   help="call the classifier at every K-th step only, reusing its last scale and gradient "
-                   "between (default: 1 = every step)")  # fmt: skip
-    p.add_argument("--guidance_interval", default=None, metavar="LO,HI",
-                   help="guide only at original timesteps LO..HI (inclusive; default: all)")  # fmt: skip
-    p.add_argument("--dynamic_threshold", type=float, default=None, metavar="Q",
-                   help=f"{'/'.join(names(takes_threshold=True))}: threshold x0 at the Q quantile of |x0| (Imagen; "
-                   "at most 1.5) instead of "
-                   "clipping to [-1, 1] (default: clip)")  # fmt: skip
-
-
-def sampler_options(args: argparse.Namespace) -> dict:
-    """The :class:`SamplerConfig` fields that :func:`add_guidance_schedule_arguments` sets, as given."""
-    options = {}
-    if args.guidance_every is not None:
-        options["guidance_every"] = args.guidance_every
-    if args.guidance_interval is not None:
-        parts = args.guidance_interval.split(",")
-        try:
-            options["guidance_interval"] = tuple(int(v) for v in parts)
-        except ValueError:
-            raise ValueError(f"--guidance_interval must be LO,HI (two original timesteps), got "
-                             f"{args.guidance_interval!r}") from None  # fmt: skip
-        if len(parts) != 2:
-            raise ValueError(f"--guidance_interval must be LO,HI (two original timesteps), got {args.guidance_interval!r}")
-    if args.dynamic_threshold is not None:
-        options["dynamic_threshold"] = args.dynamic_threshold
-    return options
 
 
 def _fields(cls) -> set[str]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import fastguide as fg
-from fastguide.commands import default_gamma
+from fastguide.cli.sample import default_gamma
 from fastguide.evaluation import eval_network, mean_intensity, nonblack_background, reference_images
 from fastguide.generate import generate, load_networks, make_sampler
 from fastguide.plots import save_grid

@@ -156,7 +156,7 @@ def test_a_resume_with_other_weights_at_the_same_path_is_refused_naming_them(tmp
 
 
 def _run(args, out):
-    from fastguide.adm_sample import run_adm_sample
+    from fastguide.cli.adm_sample import run_adm_sample
     from fastguide.cli import build_parser
 
     run_adm_sample(build_parser().parse_args(["adm-sample", *args, "--out", str(out)]))

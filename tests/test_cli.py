@@ -50,7 +50,7 @@ def test_sample_default_gamma_is_the_grids_best_for_the_kind_of_unet(model, gamm
     """EDS γ when --scale is not given: 1 for a class-conditional UNet, 3 for an unconditional one (docs/results);
     a given --scale is used as it is."""
     from fastguide.cli import build_parser
-    from fastguide.commands import _sample_plan
+    from fastguide.cli.sample import _sample_plan
 
     plan = _sample_plan(build_parser().parse_args(["sample", "--model", model]))
     assert plan["policy"] == EntropyDriven(gamma=gamma)

@@ -122,3 +122,21 @@ def test_adm_networks_import_nothing_of_sampling():
     for module in networks:
         bad = {t for t in graph[module] if any(t == s or t.startswith(s + ".") for s in sampling)}
         assert not bad, f"{module} imports {sorted(bad)}"
+
+
+def test_every_subcommand_runs_from_a_module_of_its_own_in_the_cli_package():
+    """fastguide/cli/: one module per subcommand (the two train-* commands share train.py)."""
+    from fastguide.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    where = {}
+    for name, p in sub.choices.items():
+        run = p.get_default("_run")
+        where[name] = run.__module__
+    assert where == {
+        "sample": "fastguide.cli.sample", "evaluate": "fastguide.cli.evaluate", "reproduce": "fastguide.cli.reproduce",
+        "adm-sample": "fastguide.cli.adm_sample", "train-classifier": "fastguide.cli.train",
+        "train-diffusion": "fastguide.cli.train",
+    }  # fmt: skip
+    assert not (ROOT / "fastguide" / "commands.py").exists() and not (ROOT / "fastguide" / "adm_sample.py").exists()

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from fastguide.cli import main
-from fastguide.commands import STAGING, Staging, recover_staging
+from fastguide.cli.staging import STAGING, Staging, recover_staging
 from fastguide.files import folder_lock, make_temp_dir, try_lock
 
 from faults import FileFaults, snapshot

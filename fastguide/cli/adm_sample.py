@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import remove_temporaries, temporary_name
+from ..files import remove_temporaries, temporary_name
 
 SHARDS = ".adm-sample-shards"
 PLAN = "adm-sample.json"
@@ -34,10 +34,10 @@ KILL_AFTER_BATCHES = "FASTGUIDE_KILL_AFTER_BATCHES"  # fault injection for tests
 
 
 def add_adm_sample_command(sub) -> None:
-    from .adm.flags import ADM_FLAGS
-    from .generate import add_fast_path_arguments
-    from .guidance import POLICIES
-    from .solvers import SOLVERS
+    from ..adm.flags import ADM_FLAGS
+    from .args import add_fast_path_arguments
+    from ..guidance import POLICIES
+    from ..solvers import SOLVERS
 
     p = sub.add_parser(
         "adm-sample", allow_abbrev=False,
@@ -90,9 +90,9 @@ class Plan:
 
 def plan_of(args):
     """(Plan, AdmFlags, policy) from the command line, checked; ValueError names the bad value."""
-    from .adm.flags import ADM_FLAGS, parse_flags
-    from .files import require_file
-    from .generate import build_policy
+    from ..adm.flags import ADM_FLAGS, parse_flags
+    from ..files import require_file
+    from ..generate import build_policy
 
     names = dict.fromkeys(n for g in ADM_FLAGS.values() for n in g)
     given = [token for name in names if getattr(args, name) is not None for token in (f"--{name}", getattr(args, name))]
@@ -152,7 +152,7 @@ def _shard(folder: Path, b: int) -> Path:
 def _read_shard(folder: Path, b: int, size: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Batch b's (images, labels) if its shard is there and whole (a shard is renamed into place only when
     written), else None."""
-    from .evaluation import read_npz
+    from ..evaluation import read_npz
 
     if not _shard(folder, b).is_file():
         return None
@@ -170,13 +170,13 @@ def _read_shard(folder: Path, b: int, size: int) -> tuple[np.ndarray, np.ndarray
 
 
 def run_adm_sample(args) -> None:
-    from .adm.networks.checkpoint import load_checkpoint
-    from .files import check_disk_space, check_output_folder, folder_lock
-    from .generate import save_npz
-    from .images import to_uint8
-    from .config import SamplerConfig
-    from .sampler import GuidedSampler
-    from .train.distributed import init_distributed, kill_if_asked
+    from ..adm.networks.checkpoint import load_checkpoint
+    from ..files import check_disk_space, check_output_folder, folder_lock
+    from ..generate import save_npz
+    from ..images import to_uint8
+    from ..config import SamplerConfig
+    from ..sampler import GuidedSampler
+    from ..train.distributed import init_distributed, kill_if_asked
 
     plan, flags, policy = plan_of(args)
     config = SamplerConfig(method=plan.method, clip_denoised=flags.sample.clip_denoised,
@@ -252,7 +252,7 @@ def _remove_temporaries(out: Path, shards: Path, plan: Plan) -> None:
 def _prepare(out: Path, shards: Path, plan: Plan) -> str:
     """Rank 0, before sampling: write the plan, or check that an earlier attempt's matches it. Returns
     "done" when the output of this very plan is already there, else "todo"."""
-    from .files import atomic_write
+    from ..files import atomic_write
 
     text = json.dumps(dataclasses.asdict(plan), indent=1, sort_keys=True)
     path = out / PLAN
@@ -284,7 +284,7 @@ def _final_path(out: Path, plan: Plan) -> Path:
 def _merge(out: Path, shards: Path, plan: Plan) -> Path:
     """Rank 0: every shard, in batch order, into ADM's .npz, a shard at a time (memory holds one); then the
     shards go."""
-    from .generate import save_npz_chunks
+    from ..generate import save_npz_chunks
 
     labels, shape = [], None
     for b, batch in enumerate(plan.batches):  # every shard is there and whole before the .npz is begun
