@@ -17,8 +17,10 @@ count by their metadata only: the networks' weights are inputs of the compiled g
 architecture with other weights loads the same step and computes with the live weights. Anything the walk
 cannot name reproducibly (an object whose repr holds an address, a module with no source file) gives a
 key of its own for this process, which is never found again: nothing is loaded rather than something
-stale. The loaded function also checks torch's own guards on the closure and the arguments before it is
-used, and is dropped for an ordinary compilation if they fail.
+stale. A loaded step is used only if every module whose code dynamo traced into it (recorded with the step)
+still has the same source, which covers code the key cannot name (a helper in another module than the
+network's class), and it checks torch's own guards on the closure and the arguments at every call; where
+either fails, the step is compiled as usual.
 
 A stored step is a pickle of compiled code, loaded from the user's own cache folder (as inductor loads the
 shared libraries it wrote there). ``FASTGUIDE_STEP_STORE=0`` turns the store off.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
+import inspect
 import logging
 import os
 import platform
@@ -214,6 +217,20 @@ def step_key(step: Callable, args: tuple) -> str:
     return walk.h.hexdigest()[:40]
 
 
+def sources_unchanged(compiled) -> bool:
+    """Whether every module whose code dynamo traced into ``compiled`` still has the source it had then (the
+    whole module's, so its constants count too). This covers code the key does not name: a helper in another
+    module than the network's class, say. A module that is not imported, or has no source, fails."""
+    for source in compiled.source_info().inlined_sources:
+        module = sys.modules.get(source.module)
+        try:
+            if module is None or inspect.getsource(module) != source.content:
+                return False
+        except (OSError, TypeError):
+            return False
+    return True
+
+
 class StoredStep:
     """A step compiled ahead of time and loaded or saved under :func:`folder`; ``fallback`` (the step's
     ordinary ``torch.compile``) runs instead, from then on, if the stored function's guards refuse a call."""
@@ -246,7 +263,7 @@ def stored_or_compiled(step: Callable, lazy, args: tuple, external: dict[str, ob
         try:
             with open(path, "rb") as f:
                 loaded = torch.compiler.load_compiled_function(f, f_globals=step.__globals__, external_data=external)
-            if loaded.guard_check(*args):
+            if sources_unchanged(loaded) and loaded.guard_check(*args):
                 return StoredStep(loaded, lazy, "loaded")
         except Exception as err:  # noqa: BLE001 - a file of another torch, cut short, ...: compiled again, replaced
             log.info("the stored step %s was not loaded: %s", path, err)

@@ -99,6 +99,35 @@ def test_an_object_without_a_stable_name_gives_a_key_of_this_process_only(monkey
     assert digest(Opaque()) == digest(Opaque())  # an object with attributes is walked, not named by its repr
 
 
+def test_a_stored_step_whose_traced_source_changed_is_not_used(tmp_path, monkeypatch):
+    """A helper module that the network's forward calls (not named by the key) changes: the step recorded
+    its source, and the changed module refuses it."""
+    from torch._dynamo.package import InlinedSource, SourceInfo
+
+    helper = tmp_path / "fastguide_store_helper.py"
+    helper.write_text("SCALE = 2.0\n\n\ndef act(x):\n    return x * SCALE\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fastguide_store_helper as module
+
+    class Compiled:
+        def __init__(self, content):
+            info = SourceInfo(inlined_sources=set())
+            info.inlined_sources.add(InlinedSource(module.__name__, 4, 6, "", content))
+            self.info = info
+
+        def source_info(self):
+            return self.info
+
+    import inspect
+
+    recorded = inspect.getsource(module)
+    assert step_store.sources_unchanged(Compiled(recorded))
+    helper.write_text(recorded.replace("2.0", "3.0"))  # a constant of the module, not of the traced function
+    assert not step_store.sources_unchanged(Compiled(recorded))
+    monkeypatch.delitem(sys.modules, module.__name__)
+    assert not step_store.sources_unchanged(Compiled(recorded))  # not imported: not used
+
+
 def test_a_refused_guard_falls_back_to_the_ordinary_compilation():
     class Compiled:
         def __init__(self):
@@ -181,6 +210,8 @@ def test_a_stored_step_replaces_a_bad_file_and_is_loaded_with_the_live_weights(m
     other = small_sampler(1)
     images = other.sample(LABELS, seeds=SEEDS).images
     assert _step_of(other).source == "loaded"
+    traced = {source.module for source in _step_of(other).compiled.source_info().inlined_sources}
+    assert {__name__, "fastguide.step", "fastguide.solvers.ddim"} <= traced, traced  # what sources_unchanged checks
     eager = small_sampler(1, compile=False).sample(LABELS, seeds=SEEDS).images
     first_eager = small_sampler(0, compile=False).sample(LABELS, seeds=SEEDS).images
     torch.testing.assert_close(first_images, first_eager, rtol=0, atol=1e-5)  # compiled vs eager: rounding
