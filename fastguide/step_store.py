@@ -126,8 +126,7 @@ class _Walk:
             if t.numel() > _MAX_VALUE_ELEMENTS or t.layout != torch.strided:
                 self.put(_PROCESS_ONLY)
             else:
-                self.h.update(t.detach().cpu().contiguous().numpy(force=True).tobytes()
-                              if t.dtype != torch.bfloat16 else t.detach().cpu().float().numpy().tobytes())  # fmt: skip
+                self.h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype's bytes
 
     def __call__(self, obj, parameter: bool = False) -> None:
         if isinstance(obj, _SCALARS):
