@@ -31,8 +31,8 @@ _orig_compiled, _orig_init = fc.StepRunner._compiled, fc.StepRunner.__init__
 FREEZE = {"on": False}
 
 
-def _frozen_compiled(self, guidance):
-    fn = _orig_compiled(self, guidance)
+def _frozen_compiled(self, guidance, args):
+    fn = _orig_compiled(self, guidance, args)
     if not self.freeze:
         return fn
 
