@@ -72,8 +72,8 @@ setup(
     extras_require={
         # guided-diffusion-sdk: openai/guided-diffusion (ADM) itself, the peer the parity tests run beside fastguide;
         # diffusers: the DPM-Solver++(2M/3M) and UniPC schedulers that fastguide.solvers is checked against
-        "test": ["pytest", "pytest-benchmark", "triton; platform_system == \"Linux\"", "guided-diffusion-sdk",
-                 "diffusers"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "triton; platform_system == \"Linux\"",
+                 "guided-diffusion-sdk", "diffusers"],
     },
     license="MIT",
     ext_modules=ext_modules,

@@ -5,7 +5,10 @@
   whose variance channels both ignore).
 * Guidance on (every policy goes through ε − sqrt(1−ᾱ)·s·∇): fastguide against an independent float64
   run of the solvers' formulas written here from the papers, judged by the project's float64 rule
-  (error ≤ 2 × a float32 run's own error + 1e-6).
+  (error ≤ 2 × a float32 run's own error + 1e-6). The float32 run is made at this thread count and at
+  another (:func:`_float32_runs`), and the larger of their errors is the yardstick: one run's error is one
+  draw of the rounding, and judged by it alone the guided test failed at one thread (5 of 12 cases, by up
+  to 1.4×) and passed at two.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import types
 
 import pytest
 import torch
+from adm_reference import VARIANTS, _threads
 from golden_cases import assert_float64_parity, rel_err
 
 import fastguide as fg
@@ -125,6 +129,19 @@ def _f64(net: torch.nn.Module) -> torch.nn.Module:
             module.forward = types.MethodType(torch.nn.GroupNorm.forward, module)
     inner.time_embed.register_forward_pre_hook(lambda module, args: tuple(a.double() for a in args))
     return net
+
+
+def _float32_runs(unet, clf, method, x_T, y, **kw) -> list[dict[str, torch.Tensor]]:
+    """The float32 :func:`_reference` at every step, at this thread count and at another (the first two of
+    ``adm_reference.VARIANTS``): the same formulas with other roundings. The channels-last variant of the
+    golden tests is left out: its convolutions err up to 4× more on these networks, and with it a γ off by
+    1e-3 passed 9 of the 12 guided cases (with these two runs, 1 or 2 of 12, at one and two threads)."""
+    runs = {}
+    for name in ("ADM here", "ADM here, other thread count"):
+        threads, _ = VARIANTS[name]
+        with _threads(threads):
+            runs[name.replace("ADM here", "float32 run")] = _reference(unet, clf, method, x_T, y, **kw)
+    return [{name: run[k] for name, run in runs.items()} for k in range(len(runs["float32 run"]))]
 
 
 def _reference(unet, clf, method, x_T, y, gamma=None, clip=True, plan=None, paper_form=False, schedule=None
@@ -250,14 +267,13 @@ def test_follows_diffusers_step_by_step_without_guidance(nets, method, threshold
     theirs = _diffusers(unet, method, x_T, **options)
     if threshold == "clip":
         exact = _reference(_f64(unet), None, method, x_T.double(), None, schedule=schedule)
-        f32 = _reference(unet, None, method, x_T, None, schedule=schedule)
+        f32 = _float32_runs(unet, None, method, x_T, None, schedule=schedule)
     for k, (a, b) in enumerate(zip(ours, theirs)):
         scale = b.abs().max()
         assert (a - b).abs().max() <= 1e-4 * scale, f"{method} step {k}: {float((a - b).abs().max()):.3g} from diffusers"
         if threshold == "clip":  # the float64 run agrees with diffusers (so it is a reference for the next test)
             assert rel_err(b, exact[k]) < 1e-4, f"{method} step {k}: diffusers vs float64 {rel_err(b, exact[k]):.3g}"
-            assert_float64_parity(f"{method} step {k}", a, exact[k], {"diffusers": b, "float32 run": f32[k]},
-                                  record=False)  # fmt: skip
+            assert_float64_parity(f"{method} step {k}", a, exact[k], {"diffusers": b, **f32[k]}, record=False)
     assert ours[-1].abs().max() <= (1 if threshold == "clip" else 1.3) + 1e-6
     unclipped = _fastguide(unet, None, method, schedule=schedule, clip_denoised=False)
     assert rel_err(unclipped[-1], ours[-1]) > 0.1, "clipping x̂0 changed nothing: the test would not see it"
@@ -275,10 +291,10 @@ def test_dpmpp3m_follows_diffusers_and_float64_at_each_order_rule(nets, steps):
     ours = _fastguide(unet, None, "dpmpp3m", schedule=schedule)
     theirs = _diffusers(unet, "dpmpp3m", x_T, steps, thresholding=True, sample_max_value=1.0)
     exact = _reference(_f64(unet), None, "dpmpp3m", x_T.double(), None, schedule=schedule)
-    f32 = _reference(unet, None, "dpmpp3m", x_T, None, schedule=schedule)
+    f32 = _float32_runs(unet, None, "dpmpp3m", x_T, None, schedule=schedule)
     for k, (a, b) in enumerate(zip(ours, theirs)):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max(), f"step {k}: {float((a - b).abs().max()):.3g} from diffusers"
-        assert_float64_parity(f"dpmpp3m {steps} steps, step {k}", a, exact[k], {"diffusers": b, "float32 run": f32[k]},
+        assert_float64_parity(f"dpmpp3m {steps} steps, step {k}", a, exact[k], {"diffusers": b, **f32[k]},
                               record=False)  # fmt: skip
     second = _fastguide(unet, None, "dpmpp2m", schedule=schedule)
     assert rel_err(ours[-2], second[-2]) > 1e-4, "3M gave 2M's samples"
@@ -314,11 +330,11 @@ def test_guided_matches_a_float64_run_of_the_same_formulas(nets, method, variant
     kw = dict(gamma=2.0, plan=plan, paper_form=variant == "eds_paper_form")
     ours = _fastguide(unet, clf, method, fg.EntropyDriven(gamma=2.0), **config)
     exact = _reference(_f64(unet), _f64(clf), method, x_T.double(), y, **kw)
-    f32 = _reference(unet, clf, method, x_T, y, **kw)
+    f32 = _float32_runs(unet, clf, method, x_T, y, **kw)
     unguided = _fastguide(unet, None, method)
     assert rel_err(ours[-1], unguided[-1]) > 1e-2, "guidance did not change the sample"
     for k in range(STEPS):
-        assert_float64_parity(f"{method} {variant} step {k}", ours[k], exact[k], {"float32 run": f32[k]}, record=False)
+        assert_float64_parity(f"{method} {variant} step {k}", ours[k], exact[k], f32[k], record=False)
 
 
 def test_guidance_plan():
