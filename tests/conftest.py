@@ -24,13 +24,14 @@ import pytest
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if WORKERS > 1:  # a worker of pytest-xdist: its share of the CPUs (the module docstring)
-    os.environ["OMP_NUM_THREADS"] = str(max(1, CPUS // WORKERS))
+SHARE = max(1, CPUS // WORKERS)  # a worker's threads (the module docstring)
+if WORKERS > 1:  # a worker of pytest-xdist
+    os.environ["OMP_NUM_THREADS"] = str(SHARE)
 
 import torch  # noqa: E402  (after OMP_NUM_THREADS)
 
 if WORKERS > 1:
-    torch.set_num_threads(max(1, CPUS // WORKERS))
+    torch.set_num_threads(SHARE)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

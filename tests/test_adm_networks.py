@@ -258,9 +258,8 @@ def test_published_classifier_runs_in_fp16_as_built():
     assert model.time_embed[0].weight.dtype == torch.float32  # ADM converts only the torso's convolutions
     narrow = adm_classifier(64, classifier_use_fp16=True, classifier_width=32, num_head_channels=16).eval()
     assert [p.dtype for p in narrow.parameters()] == [p.dtype for p in model.parameters()]
-    model = narrow
     with torch.no_grad():
-        logits = model(torch.randn(1, 3, 64, 64), torch.tensor([10]))
+        logits = narrow(torch.randn(1, 3, 64, 64), torch.tensor([10]))
     assert logits.shape == (1, 1000) and logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
 
